@@ -1,0 +1,119 @@
+"""The ``distllm`` command line: ``distllm SUBCOMMAND CONFIG.yaml [--section.key=value ...]``.
+
+Works the same as ``python -m distllm``, ``accelerate launch -m distllm`` and
+``torchrun -m distllm``. Errors a user can fix end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distllm.errors import UserError
+
+OVERRIDES_HELP = (
+    "Any config value can be overridden with --section.key=value, e.g. --train.max_steps=50 "
+    "--model.n_layers=4 --run.dir=runs/try2 (values are parsed as YAML)."
+)
+
+
+def _config_parser(name: str, sub, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, epilog=OVERRIDES_HELP, allow_abbrev=False)
+    p.add_argument("config", help="YAML run file, e.g. configs/debug.yaml")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distllm",
+        description="Pretrain decoder-only language models, from one CPU process to multi-node GPU clusters.",
+        epilog="Run `distllm COMMAND --help` for the options of a command. " + OVERRIDES_HELP,
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _config_parser("prepare", sub, "train a tokenizer and write token shards",
+                   "Read the corpus (data.source), train a byte-level BPE tokenizer (or load tokenizer.path), "
+                   "tokenize with all cores and write train/val shards and manifest.json to data.dir.")
+    _config_parser("train", sub, "pretrain a model",
+                   "Train the model described by the config on the shards in data.dir; logs, TensorBoard events "
+                   "and checkpoints go to run.dir. Continue a run with --checkpoint.resume_from=latest.")
+
+    p = _config_parser("eval", sub, "validation loss / perplexity of a checkpoint",
+                       "Compute the validation loss and perplexity of a checkpoint on the val split of data.dir.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest in run.dir)")
+
+    p = _config_parser("generate", sub, "generate text from a checkpoint",
+                       "Sample a continuation of a prompt from a checkpoint, with a KV cache.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest in run.dir)")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("plot", help="plot the curves of a run as a PNG",
+                       description="Write loss / validation / learning-rate / throughput curves of a run "
+                                   "(from RUN_DIR/metrics.jsonl) to a PNG.", allow_abbrev=False)
+    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return _run(args, extra, parser)
+    except UserError as e:
+        print(f"distllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, extra: list[str], parser) -> int:
+    if args.command == "plot":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from distllm.plot import plot_run
+
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        return 0
+
+    from distllm.config import load_config
+    from distllm.errors import ConfigError
+
+    bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
+    if bad:
+        raise ConfigError(f"unrecognized argument '{bad[0]}' (config overrides look like --section.key=value)")
+    cfg = load_config(args.config, extra)
+    cfg.validate()  # single-process check now; train re-checks with the real number of processes
+
+    if args.command == "prepare":
+        from distllm.data.prepare import prepare
+
+        prepare(cfg)
+    elif args.command == "train":
+        from distllm.train import train
+
+        result = train(cfg)
+        print(f"done: step {result.step}, train loss {result.loss:.4f}, val loss {result.val_loss:.4f}, "
+              f"checkpoint {result.checkpoint}")
+    elif args.command == "eval":
+        from distllm.evaluate import run_eval
+
+        print(json.dumps(run_eval(cfg, args.checkpoint), indent=2))
+    elif args.command == "generate":
+        from distllm.generate import run_generate
+
+        print(run_generate(cfg, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                           args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Run configuration: one small dataclass per component, YAML files, CLI overrides, validation.
+
+A run file lists only what differs from the defaults below::
+
+    model:
+      n_layers: 6
+    train:
+      max_steps: 300
+
+and any value can be overridden on the command line with ``--section.key=value``
+(the value is parsed as YAML, so ``--train.max_steps=10`` is an int and
+``--checkpoint.resume_from=null`` is None).
+
+Everything is validated before anything is created or started: unknown keys (with a
+suggestion), wrong types, non-positive sizes and inconsistent combinations all raise
+``ConfigError`` with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from distllm.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "python-stdlib"
+    """Corpus: ``python-stdlib`` (the running interpreter's standard library sources, on every
+    machine), a local file / directory / glob of ``.txt``, ``.jsonl``/``.json`` or ``.parquet``
+    files, or a Hugging Face dataset name (``hf:NAME`` or ``NAME``)."""
+    text_field: str = "text"
+    """Field that holds the document text in ``.jsonl``/``.parquet``/Hub datasets."""
+    hf_config: Optional[str] = None
+    """Configuration name of a Hugging Face dataset."""
+    hf_split: str = "train"
+    """Split of a Hugging Face dataset to read."""
+    dir: str = "data/python-stdlib"
+    """Output of ``distllm prepare`` and input of training: tokenizer.json, shards, manifest.json."""
+    seq_len: int = 256
+    """Tokens per training sample (the model sees windows of seq_len + 1 tokens)."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation (at least one document)."""
+    shard_tokens: int = 50_000_000
+    """Maximum tokens per shard file."""
+    max_documents: Optional[int] = None
+    """Use at most this many documents of the corpus (None = all)."""
+    num_proc: Optional[int] = None
+    """Processes used to tokenize (None = all cores)."""
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    """Vocabulary size of the trained byte-level BPE tokenizer."""
+    path: Optional[str] = None
+    """Use this existing tokenizer.json instead of training one."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    """Embedding rows; must be >= the tokenizer's vocabulary (pad up to a multiple of 64)."""
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention (None = n_heads, i.e. multi-head)."""
+    d_model: int = 384
+    ffn_hidden: Optional[int] = None
+    """SwiGLU hidden width (None = 8/3 * d_model rounded up to ``multiple_of``)."""
+    multiple_of: int = 64
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (RoPE tables are built up to this length)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output projection."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(8 * self.d_model / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def build(self):
+        from distllm.model import Transformer
+
+        return Transformer(self)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of ``lr``."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """``cosine``: warmup then cosine decay to the floor; ``wsd``: warmup, stable, then linear
+    decay to the floor over the last ``decay_fraction`` of training; ``constant``: warmup then flat."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    """Fraction of training spent decaying in the ``wsd`` schedule."""
+    weight_decay: float = 0.1
+    """Applied to matrices (linear and embedding weights) only; never to norms or biases."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    fused: Optional[bool] = None
+    """Fused AdamW kernel (None = on for CUDA, off otherwise)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    seed: int = 1337
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on each process."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all processes; a multiple of micro_batch_size x processes."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on a GPU that supports it, fp32 otherwise."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    eval_every: int = 100
+    """Validation every this many steps (0 = only at the end)."""
+    eval_batches: int = 20
+    """Micro-batches of the validation split per evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many steps (0 = only the final checkpoint)."""
+    keep_last: int = 2
+    """Keep this many most recent step checkpoints."""
+    resume_from: Optional[str] = None
+    """Checkpoint directory to continue from (``latest`` = newest complete one in the run dir)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Log a metrics line every this many steps."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Show a progress bar on the console."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU (None = datasheet bf16 peak on known GPUs, measured
+    fp32 matmul throughput on CPU)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        validate(self, world_size)
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML run file (or the defaults if ``path`` is None), apply overrides, validate types."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must contain a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        raw[section][key] = value
+    return from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``--train.max_steps=10`` -> ("train", "max_steps", 10)."""
+    text = item[2:] if item.startswith("--") else item
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{item}' must look like --section.key=value")
+    dotted, value = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return section, key, parsed
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        names = {f.name for f in dataclasses.fields(sub)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, names, section + '.')}")
+            setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+    return cfg
+
+
+def _suggest(word: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int -> float, reject everything else."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {name}")  # a bug, not a user error
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check values and their combinations; raise ConfigError naming the key to fix."""
+    positive = {
+        "data.seq_len": cfg.data.seq_len,
+        "data.shard_tokens": cfg.data.shard_tokens,
+        "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
+        "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
+        "model.vocab_size": cfg.model.vocab_size,
+        "model.n_layers": cfg.model.n_layers,
+        "model.n_heads": cfg.model.n_heads,
+        "model.d_model": cfg.model.d_model,
+        "model.multiple_of": cfg.model.multiple_of,
+        "model.max_seq_len": cfg.model.max_seq_len,
+        "model.rope_theta": cfg.model.rope_theta,
+        "model.norm_eps": cfg.model.norm_eps,
+        "model.init_std": cfg.model.init_std,
+        "optim.lr": cfg.optim.lr,
+        "optim.eps": cfg.optim.eps,
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.eval_batches": cfg.train.eval_batches,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "logging.log_every": cfg.logging.log_every,
+    }
+    optional_positive = {
+        "model.n_kv_heads": cfg.model.n_kv_heads,
+        "model.ffn_hidden": cfg.model.ffn_hidden,
+        "data.max_documents": cfg.data.max_documents,
+        "data.num_proc": cfg.data.num_proc,
+        "logging.peak_flops": cfg.logging.peak_flops,
+    }
+    non_negative = {
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every": cfg.checkpoint.every,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    for name, value in optional_positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive (or null), got {value}")
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    for name, value in {
+        "data.val_fraction": cfg.data.val_fraction,
+        "optim.decay_fraction": cfg.optim.decay_fraction,
+    }.items():
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+    for name, value in {
+        "optim.min_lr_ratio": cfg.optim.min_lr_ratio,
+        "optim.beta1": cfg.optim.beta1,
+        "optim.beta2": cfg.optim.beta2,
+    }.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.d_model / model.n_heads = {m.head_dim} must be even for rotary embeddings")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if cfg.tokenizer.path is None and m.vocab_size < cfg.tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({m.vocab_size}) is smaller than tokenizer.vocab_size ({cfg.tokenizer.vocab_size})"
+        )
+
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size "
+            f"x processes ({t.micro_batch_size} x {world_size} = {per_step})"
+        )
+    if cfg.optim.warmup_steps >= t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be smaller than train.max_steps ({t.max_steps})"
+        )
+
+
+def check_vocab(cfg: Config, tokenizer_vocab_size: int) -> None:
+    """The model's embedding must have a row for every token id the tokenizer can produce."""
+    if cfg.model.vocab_size < tokenizer_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab_size}); set --model.vocab_size={_round_up(tokenizer_vocab_size, 64)}"
+        )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return multiple * ((x + multiple - 1) // multiple)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

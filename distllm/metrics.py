@@ -1,0 +1,83 @@
+"""Metrics: one record per logged step to the console, ``metrics.jsonl`` and TensorBoard.
+
+``metrics.jsonl`` holds one JSON object per line. Training records have at least ``step``,
+``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` and ``mfu``; validation records have
+``step``, ``val_loss`` and ``val_ppl``. Scripts and ``distllm plot`` read these names.
+Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
+                 start_step: int = 0, append: bool = False):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+        self.print(format_record(record))
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def format_record(r: dict) -> str:
+    if "val_loss" in r:
+        return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    return (
+        f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
+        f" | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}%"
+    )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,60 @@
+"""``distllm plot RUN_DIR``: loss, validation, learning rate and throughput curves as one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distllm.errors import DataError
+from distllm.metrics import read_metrics
+
+
+def plot_run(run_dir: str, out: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"no metrics.jsonl in {run_dir}; is it a run directory of `distllm train`?")
+    records = read_metrics(path)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train and not val:
+        raise DataError(f"{path} has no training or validation records yet")
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    ax = axes[0, 0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    ax = axes[0, 1]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_ppl"] for r in val], "o-", color="C1")
+        ax.set_yscale("log")
+    ax.set(title="validation perplexity", xlabel="step")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 0]
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="C2")
+    ax.set(title="learning rate", xlabel="step")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 1]
+    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="C3")
+    ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    mfu = ax.twinx()
+    mfu.plot([r["step"] for r in train], [100 * r["mfu"] for r in train], color="C4", alpha=0.5)
+    mfu.set_ylabel("MFU (%)")
+    ax.grid(alpha=0.3)
+
+    fig.suptitle(f"distllm run {Path(run_dir).resolve().name}")
+    out_path = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,120 @@
+"""The command line: every command has --help; user errors are one line, exit 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from distllm.__main__ import main
+
+COMMANDS = ["prepare", "train", "eval", "generate", "plot"]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "distllm", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_user_error(r, *fragments):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_config(tmp_path, cfg_dict):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return path
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: distllm " + command in capsys.readouterr().out
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = write_config(tmp_path, {"train": {"max_step": 3}})
+    assert_user_error(run_cli("train", cfg), "unknown config key 'train.max_step'", "did you mean 'train.max_steps'")
+
+
+def test_unknown_override_key(tmp_path):
+    cfg = write_config(tmp_path, {})
+    assert_user_error(run_cli("prepare", cfg, "--data.sorce=x"), "unknown config key 'data.sorce'",
+                      "did you mean 'data.source'")
+
+
+def test_missing_corpus(tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    cfg = write_config(tmp_path, {"data": {"source": str(missing), "dir": str(tmp_path / "out")}})
+    assert_user_error(run_cli("prepare", cfg), str(missing))
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_empty_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text("")
+    cfg = write_config(tmp_path, {"data": {"source": str(corpus), "dir": str(tmp_path / "out")}})
+    assert_user_error(run_cli("prepare", cfg), "empty")
+
+
+def test_missing_config_file(tmp_path):
+    assert_user_error(run_cli("train", tmp_path / "nope.yaml"), "config file not found")
+
+
+def test_train_before_prepare(tmp_path):
+    cfg = write_config(tmp_path, {"data": {"dir": str(tmp_path / "nothing")}, "run": {"dir": str(tmp_path / "run")}})
+    assert_user_error(run_cli("train", cfg), "manifest.json", "distllm prepare")
+
+
+def test_eval_without_checkpoint(tmp_path, prepared_data):
+    cfg = write_config(tmp_path, {"data": {"dir": str(prepared_data)}, "run": {"dir": str(tmp_path / "empty-run")}})
+    assert_user_error(run_cli("eval", cfg), "no complete checkpoint")
+
+
+def test_train_eval_generate_plot(tiny_config, tmp_path, capsys):
+    cfg = tiny_config
+    path = write_config(tmp_path, cfg.to_dict())
+    assert main(["train", str(path), "--train.max_steps=12", "--train.eval_every=6"]) == 0
+    assert "done: step 12" in capsys.readouterr().out
+
+    assert main(["eval", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["step"] == 12 and report["val_loss"] > 0 and report["val_ppl"] > 1
+
+    assert main(["generate", str(path), "--prompt", "The ", "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The ") and len(text) > len("The ")
+
+    assert main(["plot", cfg.run.dir]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("wrote ") and out.strip().endswith("curves.png")
+    png = out.strip().split(" ", 1)[1]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # resuming a finished run trains nothing and keeps the checkpoint
+    assert main(["train", str(path), "--train.max_steps=12", "--checkpoint.resume_from=latest"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_eval_with_mismatched_tokenizer(tiny_config, tmp_path, tiny_corpus):
+    """A checkpoint evaluated on shards made by another tokenizer is refused with a clear error."""
+    cfg = tiny_config
+    path = write_config(tmp_path, cfg.to_dict())
+    assert main(["train", str(path), "--train.max_steps=3", "--train.eval_every=0"]) == 0
+    other = tmp_path / "other-data"
+    assert main(["prepare", str(path), f"--data.source={tiny_corpus}", f"--data.dir={other}",
+                 "--tokenizer.vocab_size=300", "--model.vocab_size=320"]) == 0
+    r = run_cli("eval", path, f"--data.dir={other}")
+    assert_user_error(r, "different tokenizer")

@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+
+from distllm.config import Config, check_vocab, from_dict, load_config, parse_override, save_config
+from distllm.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_validate():
+    Config().validate()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    load_config(path).validate()
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(CONFIGS / "debug.yaml", ["--train.max_steps=7", "--optim.lr=3e-4", "--model.n_kv_heads=null",
+                                                "--run.dir=runs/x", "--logging.tensorboard=false"])
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.n_kv_heads is None
+    assert cfg.run.dir == "runs/x"
+    assert cfg.logging.tensorboard is False
+
+
+def test_int_is_accepted_for_float():
+    assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "debug.yaml", ["--train.seed=5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trian": {}}, "unknown config section 'trian' (did you mean 'train'?)"),
+    ({"train": {"max_step": 3}}, "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
+    ({"train": {"max_steps": "ten"}}, "train.max_steps must be an integer"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps must be an integer"),
+    ({"train": {"compile": "yes"}}, "train.compile must be true or false"),
+    ({"optim": {"schedule": "linear"}}, "optim.schedule must be one of"),
+    ({"model": {"n_layers": True}}, "model.n_layers must be an integer"),
+    ({"train": 3}, "config section 'train' must be a mapping"),
+])
+def test_type_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": {"n_layers": 0}}, "model.n_layers must be positive"),
+    ({"train": {"micro_batch_size": -1}}, "train.micro_batch_size must be positive"),
+    ({"data": {"seq_len": 0}}, "data.seq_len must be positive"),
+    ({"optim": {"warmup_steps": 100}, "train": {"max_steps": 100}}, "optim.warmup_steps (100) must be smaller than train.max_steps (100)"),
+    ({"train": {"micro_batch_size": 3, "global_batch_size": 8}}, "train.global_batch_size (8) must be divisible by train.micro_batch_size x processes"),
+    ({"model": {"vocab_size": 1000}, "tokenizer": {"vocab_size": 8192}}, "model.vocab_size (1000) is smaller than tokenizer.vocab_size (8192)"),
+    ({"model": {"d_model": 100, "n_heads": 3}}, "model.d_model (100) must be divisible by model.n_heads (3)"),
+    ({"model": {"n_heads": 6, "n_kv_heads": 4}}, "model.n_heads (6) must be divisible by model.n_kv_heads (4)"),
+    ({"data": {"seq_len": 2048}}, "data.seq_len (2048) exceeds model.max_seq_len (1024)"),
+    ({"data": {"val_fraction": 0.0}}, "data.val_fraction must be between 0 and 1"),
+])
+def test_value_errors_name_the_key(overrides, message):
+    cfg = from_dict(overrides)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert message in str(e.value)
+
+
+def test_global_batch_checked_against_world_size():
+    cfg = from_dict({"train": {"micro_batch_size": 4, "global_batch_size": 4}})
+    cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match=r"4 x 2 = 8"):
+        cfg.validate(world_size=2)
+
+
+def test_vocab_smaller_than_tokenizer():
+    cfg = from_dict({"model": {"vocab_size": 512}, "tokenizer": {"vocab_size": 512}})
+    check_vocab(cfg, 512)
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(512\) is smaller than the tokenizer's vocabulary \(600\); set --model.vocab_size=640"):
+        check_vocab(cfg, 600)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="--section.key=value"):
+        parse_override("--max_steps=3")
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="must contain a mapping"):
+        load_config(scalar)

@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from distllm.config import OptimConfig
+from distllm.optim import build_optimizer, lr_at, param_groups
+
+
+def test_cosine_schedule_values():
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_at(4, cfg, 110) == pytest.approx(0.5)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)  # end of warmup = peak
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # halfway: floor + (peak - floor) / 2
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)  # the floor
+    assert lr_at(500, cfg, 110) == pytest.approx(0.1)  # stays there
+    expected = 0.1 + 0.45 * (1 + math.cos(math.pi * 25 / 100))
+    assert lr_at(35, cfg, 110) == pytest.approx(expected)
+
+
+def test_wsd_schedule_values():
+    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, warmup_steps=4, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(1, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(4, cfg, 100) == pytest.approx(2.0)
+    assert lr_at(79, cfg, 100) == pytest.approx(2.0)  # stable until the last 20 steps
+    assert lr_at(80, cfg, 100) == pytest.approx(2.0)
+    assert lr_at(90, cfg, 100) == pytest.approx(1.0)  # halfway through the decay
+    assert lr_at(100, cfg, 100) == pytest.approx(0.0)
+
+
+def test_constant_schedule():
+    cfg = OptimConfig(lr=3.0, warmup_steps=0, schedule="constant")
+    assert [lr_at(s, cfg, 10) for s in (0, 5, 9)] == [3.0, 3.0, 3.0]
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {p.dim() for p in decay["params"]} == {2}
+    assert len(decay["params"]) == 2  # embedding + linear weight
+    assert len(no_decay["params"]) == 3  # linear bias + norm weight and bias
+
+
+def test_shared_parameters_counted_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    decay, _ = param_groups(model, 0.1)
+    assert len(decay["params"]) == 1
+
+
+def test_build_optimizer_is_adamw_with_config():
+    cfg = OptimConfig(lr=1e-3, beta1=0.8, beta2=0.9, eps=1e-6)
+    opt = build_optimizer(torch.nn.Linear(3, 3), cfg, "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
