@@ -61,7 +61,8 @@ class DataConfig:
     max_documents: Optional[int] = None
     """Use at most this many documents of the corpus (None = all)."""
     num_proc: Optional[int] = None
-    """Processes used to tokenize (None = all cores)."""
+    """Tokenizer worker processes. None or 1: one process, the Rust tokenizer's threads on all cores
+    (fastest on small machines); k > 1: k single-threaded processes (scales on many cores)."""
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""Data pipeline: corpus -> tokenizer + token shards -> batches.
+
+``distllm.data.prepare.prepare(cfg)`` builds a data directory (not re-exported here: the name
+would shadow the ``prepare`` module), ``TokenShards`` + ``BatchLoader`` read it.
+"""
+
+from distllm.data.corpus import iter_documents, load_corpus
+from distllm.data.loader import BatchLoader, SampleIndex, TokenShards
+from distllm.data.shards import (
+    ShardHeader,
+    open_shard,
+    read_header,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+    write_shard,
+)
+
+__all__ = [
+    "BatchLoader",
+    "SampleIndex",
+    "ShardHeader",
+    "TokenShards",
+    "iter_documents",
+    "load_corpus",
+    "open_shard",
+    "read_header",
+    "read_manifest",
+    "sha256_file",
+    "verify",
+    "write_manifest",
+    "write_shard",
+]

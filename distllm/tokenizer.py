@@ -1,0 +1,87 @@
+"""Byte-level BPE tokenizer (Hugging Face ``tokenizers``) with one special token, ``<|endoftext|>``.
+
+Every byte is in the base vocabulary, so any Unicode text encodes without unknown tokens and
+``decode(encode(text)) == text``. ``<|endoftext|>`` (EOT) separates documents in the token
+stream; it is only ever inserted by ``distllm prepare``: the literal string ``<|endoftext|>``
+inside a document is encoded as ordinary text (``encode_special_tokens = True``), so a document
+can never fake a document boundary.
+
+``fingerprint`` identifies a tokenizer by content: the sha256 of its canonical JSON. Shards and
+the manifest record it, and training refuses a tokenizer.json whose fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from distllm.errors import ConfigError, DataError
+
+EOT = "<|endoftext|>"
+MIN_VOCAB_SIZE = 257
+"""256 byte tokens plus EOT."""
+
+
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` (strings or batches of strings).
+
+    The vocabulary may come out smaller than ``vocab_size`` when the text has too few pairs
+    that occur ``min_frequency`` times; use ``tok.get_vocab_size()`` for the real size.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(
+            f"tokenizer.vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {EOT}), got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.encode_special_tokens = True
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a tokenizer.json; DataError if it is missing or not a tokenizer."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"tokenizer file not found: {p}")
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises plain Exception for any parse error
+        raise DataError(f"could not read tokenizer {p}: {e}") from None
+    tok.encode_special_tokens = True  # not serialized, so set it on every load
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    """Write ``tok`` as JSON, atomically (temp file + rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(tok.to_str(), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """sha256 hex of the canonical (sorted-key, compact) JSON of ``tok``; stable across save/load."""
+    canonical = json.dumps(json.loads(tok.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def eot_id(tok: Tokenizer) -> int:
+    """Id of the document separator ``<|endoftext|>``; DataError if the tokenizer lacks it."""
+    i = tok.token_to_id(EOT)
+    if i is None:
+        raise DataError(f"the tokenizer has no '{EOT}' token, which distllm uses to separate documents")
+    return i

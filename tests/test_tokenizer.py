@@ -1,0 +1,76 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import pre_tokenizers
+
+from distllm.errors import ConfigError, DataError
+from distllm.tokenizer import EOT, eot_id, fingerprint, load_tokenizer, save_tokenizer, train_tokenizer
+
+TRICKY = [
+    "👩‍👩‍👧", "🦙", "日本語", "中文", "한국어", "e\u0301", "a\u0308\u0323", "\u200b", "\u200d", "\ufeff", "\x00",
+    "\x1b[31m", "\x7f", "\r\n", "\r", "\t\t", "    ", "\n\n\n", " \u00a0 ", "\U0010ffff", "<|endoftext|>", "'s", "Ġ",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_corpus):
+    return [path.read_text(encoding="utf-8") for path in sorted(tiny_corpus.glob("*.txt"))]
+
+
+@pytest.fixture(scope="module")
+def tok(texts):
+    return train_tokenizer(texts, vocab_size=400, min_frequency=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.one_of(st.text(), st.sampled_from(TRICKY))).map("".join))
+def test_round_trip_arbitrary_unicode(tok, text):
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text
+    assert eot_id(tok) not in ids  # not even for a literal "<|endoftext|>"
+
+
+def test_every_byte_is_in_the_vocabulary(tok):
+    vocab = tok.get_vocab()
+    assert all(ch in vocab for ch in pre_tokenizers.ByteLevel.alphabet())
+    assert tok.get_vocab_size() == 400
+
+
+def test_eot_is_one_special_token(tok):
+    eot = eot_id(tok)
+    assert tok.id_to_token(eot) == EOT
+    assert tok.get_added_tokens_decoder()[eot].special
+    assert tok.decode([eot], skip_special_tokens=False) == EOT
+    hello = tok.encode("hello").ids
+    assert tok.decode(hello + [eot] + hello, skip_special_tokens=False) == f"hello{EOT}hello"
+
+
+def test_fingerprint_is_stable_across_save_and_load(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    save_tokenizer(tok, path)
+    loaded = load_tokenizer(path)
+    assert fingerprint(loaded) == fingerprint(tok)
+    assert len(fingerprint(tok)) == 64
+    assert (
+        loaded.encode("A literal <|endoftext|> stays text").ids == tok.encode("A literal <|endoftext|> stays text").ids
+    )
+    assert eot_id(loaded) not in loaded.encode(EOT).ids
+
+
+def test_fingerprint_differs_for_a_different_tokenizer(tok, texts):
+    assert fingerprint(train_tokenizer(texts, vocab_size=399)) != fingerprint(tok)
+    assert fingerprint(train_tokenizer(texts[1:], vocab_size=400)) != fingerprint(tok)
+
+
+def test_load_tokenizer_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="missing.json"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "garbage.json"
+    bad.write_text("{not a tokenizer")
+    with pytest.raises(DataError, match="garbage.json"):
+        load_tokenizer(bad)
+
+
+def test_vocab_too_small_for_the_byte_alphabet():
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
+        train_tokenizer(["some text"], vocab_size=100)
