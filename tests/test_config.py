@@ -102,3 +102,15 @@ def test_missing_and_invalid_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="must contain a mapping"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("gpt2-124m.yaml", 124e6),  # GPT-2 small: 124M with tied embeddings
+    ("llama-1b.yaml", 1.236e9),  # Llama-3.2-1B: 1,235,814,400
+    ("llama3-8b.yaml", 8.030e9),  # Llama-3-8B: 8,030,261,248
+])
+def test_presets_have_their_documented_size(name, params):
+    from distllm.model import count_params
+
+    n = count_params(load_config(CONFIGS / name).model)
+    assert n == pytest.approx(params, rel=0.005), n
