@@ -103,8 +103,9 @@ def _run(args, extra: list[str], parser) -> int:
         from distllm.train import train
 
         result = train(cfg)
-        print(f"done: step {result.step}, train loss {result.loss:.4f}, val loss {result.val_loss:.4f}, "
-              f"checkpoint {result.checkpoint}")
+        if result.is_main:
+            print(f"done: step {result.step}, train loss {result.loss:.4f}, val loss {result.val_loss:.4f}, "
+                  f"checkpoint {result.checkpoint}")
     elif args.command == "eval":
         from distllm.evaluate import run_eval
 

@@ -39,6 +39,10 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:06d}"
+
+
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = checkpoint_dir(run_dir)
@@ -76,7 +80,7 @@ def save(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimize
     """Write checkpoint ``step`` atomically, then prune older ones beyond ``keep_last``."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = step_path(run_dir, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)

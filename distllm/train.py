@@ -38,6 +38,7 @@ class TrainResult:
     loss: float
     val_loss: float
     checkpoint: Path
+    is_main: bool = True
 
 
 def train(cfg: Config) -> TrainResult:
@@ -93,9 +94,11 @@ def train(cfg: Config) -> TrainResult:
     def save(at_step: int) -> Path:
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": train_data.fingerprint,
                  "config": cfg.to_dict(), "tokens_seen": at_step * tokens_per_step}
-        path = checkpoint.save(run_dir, at_step, rt.unwrap(model), optimizer, state, cfg.checkpoint.keep_last)
-        log.print(f"saved checkpoint {path}")
-        return path
+        if rt.is_main:  # data parallel: every rank holds the same weights and optimizer state
+            checkpoint.save(run_dir, at_step, rt.unwrap(model), optimizer, state, cfg.checkpoint.keep_last)
+            log.print(f"saved checkpoint {checkpoint.step_path(run_dir, at_step)}")
+        rt.barrier()
+        return checkpoint.step_path(run_dir, at_step)
 
     def evaluate(at_step: int) -> float:
         val = validation_loss(model, val_data, T, B, n_val, rt.device, rt.rank, rt.world_size)
@@ -156,7 +159,7 @@ def train(cfg: Config) -> TrainResult:
         log.print(f"already at step {step} >= train.max_steps; nothing to train")
     rt.barrier()
     log.close()
-    return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path)
+    return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main)
 
 
 def seed_everything(seed: int) -> None:
