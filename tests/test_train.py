@@ -75,9 +75,11 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     cfg.run.dir = str(tmp_path / "accum")
     cfg.train.micro_batch_size = 2  # two micro-batches per step, same global batch
     small = train(cfg)
-    a = [r["loss"] for r in _records(big.checkpoint.parent.parent) if "loss" in r]
-    b = [r["loss"] for r in _records(small.checkpoint.parent.parent) if "loss" in r]
-    assert a == pytest.approx(b, rel=1e-4)
+    a = [r for r in _records(big.checkpoint.parent.parent) if "loss" in r]
+    b = [r for r in _records(small.checkpoint.parent.parent) if "loss" in r]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    # AdamW hides a wrongly scaled gradient in the loss curve; the gradient norm does not
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
 
 
 def test_existing_run_is_not_overwritten(tiny_config):
@@ -96,3 +98,16 @@ def test_vocab_smaller_than_tokenizer_is_rejected(tiny_config):
     tiny_config.tokenizer.vocab_size = 256
     with pytest.raises(ConfigError, match="model.vocab_size"):
         train(tiny_config)
+
+
+def test_divergence_stops_before_a_bad_step(tiny_config):
+    from distllm.train import NonFiniteLossError
+
+    cfg = tiny_config
+    cfg.train.max_steps = 6
+    cfg.train.eval_every = 0
+    cfg.optim.warmup_steps = 0
+    cfg.optim.lr = 1e30  # weights blow up after the first step, the next gradients are not finite
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm at step"):
+        train(cfg)
+    assert checkpoint.latest(cfg.run.dir) is None  # nothing poisoned was saved
