@@ -101,7 +101,8 @@ def hf_loss(model: LlamaForCausalLM, window: torch.Tensor) -> torch.Tensor:
 
 
 def make_step(model, loss_fn, window, autocast):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused AdamW for both: distllm's default on CPU and CUDA, and the HF Trainer's default (adamw_torch_fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step() -> None:
         with autocast():

@@ -137,7 +137,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     fused: Optional[bool] = None
-    """Fused AdamW kernel (None = on for CUDA, off otherwise)."""
+    """Fused AdamW kernel (None = on for CUDA and CPU, where torch has one)."""
 
 
 @dataclass

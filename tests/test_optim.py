@@ -58,3 +58,9 @@ def test_build_optimizer_is_adamw_with_config():
     opt = build_optimizer(torch.nn.Linear(3, 3), cfg, "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+
+
+def test_fused_by_default_on_cpu_and_overridable():
+    model = torch.nn.Linear(3, 3)
+    assert build_optimizer(model, OptimConfig(), "cpu").defaults["fused"] is True
+    assert not build_optimizer(model, OptimConfig(fused=False), "cpu").defaults["fused"]
