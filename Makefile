@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/debug.yaml
+RUN    ?= runs/debug
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -26,7 +27,7 @@ quickstart: $(STAMP)
 	$(BIN)/distllm prepare $(CONFIG)
 	$(BIN)/distllm train $(CONFIG) --checkpoint.resume_from=latest
 	$(BIN)/distllm eval $(CONFIG)
-	$(BIN)/distllm plot runs/debug
+	$(BIN)/distllm plot $(RUN)
 	$(BIN)/distllm generate $(CONFIG) --prompt "def " --max-new-tokens 120
 
 test: $(STAMP)
