@@ -92,7 +92,8 @@ def save(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimize
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         _fsync_dir_files(tmp)
         (tmp / MARKER).write_text("ok\n")
-        _fsync_dir_files(tmp)
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
         if final.exists():  # re-saving the same step: swap, never delete before the new one exists
             old = root / f".old-{final.name}-{os.getpid()}"
             final.rename(old)

@@ -35,8 +35,9 @@ class Runtime:
         return self.rank == 0
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision == "bf16" else None
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in (for the MFU peak)."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def parallelize(self, model: torch.nn.Module, optimizer, cfg: TrainConfig):
         """Wrap a single-device model and its optimizer for this runtime."""
@@ -44,10 +45,6 @@ class Runtime:
         if cfg.compile:
             model = torch.compile(model)
         return self.accelerator.prepare(model, optimizer)
-
-    def autocast(self):
-        """Mixed-precision context for code that runs outside the wrapped model's forward."""
-        return self.accelerator.autocast()
 
     def no_sync(self, model, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
@@ -75,14 +72,19 @@ class Runtime:
         self.accelerator.wait_for_everyone()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` -> a torch device: ``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA GPU is available (use --train.device=cpu)")
+    return torch.device(name)
+
+
 def setup(cfg: TrainConfig) -> Runtime:
     from accelerate import Accelerator
 
-    device_type = cfg.device
-    if device_type == "auto":
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is available (use --train.device=cpu)")
+    device_type = resolve_device(cfg.device).type
 
     precision = cfg.precision
     if precision == "auto":

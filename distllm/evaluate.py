@@ -6,6 +6,7 @@ import torch
 
 from distllm import checkpoint
 from distllm.config import Config
+from distllm.distributed import resolve_device
 from distllm.data.loader import BatchLoader, TokenShards
 from distllm.errors import DataError
 from distllm.loss import next_token_loss
@@ -39,8 +40,8 @@ def validation_loss(model: torch.nn.Module, shards: TokenShards, seq_len: int, b
     return total / n_batches
 
 
-def load_for_inference(cfg: Config, spec: str | None, device: torch.device):
-    """Build the model described by a checkpoint and load its weights.
+def load_for_inference(cfg: Config, spec: str | None):
+    """Build the model described by a checkpoint, load its weights, put it on ``train.device``.
 
     ``spec`` is a checkpoint directory or ``latest`` (default) of ``cfg.run.dir``. The model shape
     comes from the checkpoint's own saved config, so a changed run file cannot mismatch it.
@@ -56,13 +57,13 @@ def load_for_inference(cfg: Config, spec: str | None, device: torch.device):
     saved = from_dict({"model": state["config"]["model"]})
     model = saved.model.build()
     checkpoint.load(path, model)
-    return model.to(device).eval(), state, path
+    return model.to(resolve_device(cfg.train.device)).eval(), state, path
 
 
 def run_eval(cfg: Config, spec: str | None = None) -> dict:
     """``distllm eval``: validation loss / perplexity of a checkpoint on ``cfg.data.dir``'s val split."""
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model, state, path = load_for_inference(cfg, spec, device)
+    model, state, path = load_for_inference(cfg, spec)
+    device = next(model.parameters()).device
     shards = TokenShards(cfg.data.dir, "val")
     if shards.fingerprint != state["tokenizer_fingerprint"]:
         raise DataError(

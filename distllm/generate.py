@@ -115,8 +115,8 @@ def run_generate(cfg, spec: str | None, prompt: str, max_new_tokens: int, temper
     from distllm.evaluate import load_for_inference
     from distllm.tokenizer import eot_id, fingerprint, load_tokenizer
 
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model, state, path = load_for_inference(cfg, spec, device)
+    model, state, path = load_for_inference(cfg, spec)
+    device = next(model.parameters()).device
     tok = load_tokenizer(Path(cfg.data.dir) / TOKENIZER_FILE)
     if fingerprint(tok) != state["tokenizer_fingerprint"]:
         raise DataError(f"{Path(cfg.data.dir) / TOKENIZER_FILE} is a different tokenizer than the one checkpoint "

@@ -24,7 +24,7 @@ from distllm.evaluate import val_batches, validation_loss
 from distllm.loss import next_token_loss
 from distllm.metrics import MetricsLogger, perplexity
 from distllm.model import count_params, flops_per_token
-from distllm.model.flops import peak_flops
+from distllm.model.flops import mfu, peak_flops
 from distllm.optim import build_optimizer, lr_at, set_lr
 
 
@@ -84,7 +84,7 @@ def train(cfg: Config) -> TrainResult:
                         append=resume_path is not None)
     tokens_per_step = cfg.train.global_batch_size * T
     flops_tok = flops_per_token(cfg.model, T)
-    peak = cfg.logging.peak_flops or peak_flops(rt.device, torch.bfloat16 if rt.precision == "bf16" else torch.float32)
+    peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type} "
         f"({rt.precision}) | global batch {cfg.train.global_batch_size} x {T} tokens = micro {B} x accum {accum} "
@@ -142,7 +142,7 @@ def train(cfg: Config) -> TrainResult:
             loss_value = rt.mean(loss_sum / loss_count).item()
             tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - paused)
             log.log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tokens_per_s, "mfu": flops_tok * tokens_per_s / (peak * rt.world_size),
+                     "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_tok, peak * rt.world_size),
                      "tokens": step * tokens_per_step})
             loss_sum.zero_()
             loss_count = 0

@@ -4,7 +4,7 @@
 would shadow the ``prepare`` module), ``TokenShards`` + ``BatchLoader`` read it.
 """
 
-from distllm.data.corpus import iter_documents, load_corpus
+from distllm.data.corpus import load_corpus
 from distllm.data.loader import BatchLoader, SampleIndex, TokenShards
 from distllm.data.shards import (
     ShardHeader,
@@ -22,7 +22,6 @@ __all__ = [
     "SampleIndex",
     "ShardHeader",
     "TokenShards",
-    "iter_documents",
     "load_corpus",
     "open_shard",
     "read_header",

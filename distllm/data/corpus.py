@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,12 +59,6 @@ def load_corpus(cfg: DataConfig) -> datasets.Dataset:
     if len(keep) < len(ds):
         ds = ds.select(keep)
     return ds
-
-
-def iter_documents(cfg: DataConfig) -> Iterator[str]:
-    """Yield the documents of ``load_corpus(cfg)`` one at a time."""
-    for batch in load_corpus(cfg).iter(batch_size=1000):
-        yield from batch["text"]
 
 
 # --------------------------------------------------------------------------- sources

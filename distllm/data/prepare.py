@@ -83,12 +83,14 @@ def prepare(cfg: Config) -> dict:
     _clear(data_dir)
     save_tokenizer(tok, data_dir / TOKENIZER_FILE)
     num_proc = cfg.data.num_proc or 1
+    doc_bytes = _document_bytes(docs)
     splits = {}
     for split in SPLITS:
         indices = np.flatnonzero(is_val if split == "val" else ~is_val)
+        tasks = _tasks(indices, doc_bytes[indices])
         writer = _ShardWriter(data_dir, split, cfg.data.shard_tokens, dtype, fp)
         with tqdm(total=len(indices), unit="doc", desc=f"tokenize {split}", disable=not progress, leave=False) as bar:
-            for tokens, num_docs in _tokenize(docs, indices, tok, eot, dtype, num_proc):
+            for tokens, num_docs in _tokenize(docs, tasks, tok, eot, dtype, num_proc):
                 writer.add(tokens)
                 bar.update(num_docs)
         splits[split] = {"num_tokens": writer.num_tokens, "num_documents": len(indices), "shards": writer.close()}
@@ -199,10 +201,9 @@ def _encode(indices: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _tokenize(
-    docs: datasets.Dataset, indices: np.ndarray, tok: Tokenizer, eot: int, dtype: np.dtype, num_proc: int
+    docs: datasets.Dataset, tasks: list[np.ndarray], tok: Tokenizer, eot: int, dtype: np.dtype, num_proc: int
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (tokens, number of documents) for ``indices`` in order, task by task."""
-    tasks = _tasks(docs, indices)
+    """Yield (tokens, number of documents) for each task (a run of document indices), in order."""
     if num_proc <= 1 or len(tasks) <= 1:
         _init_worker(docs, tok, eot, dtype)
         try:
@@ -215,12 +216,16 @@ def _tokenize(
         yield from pool.imap(_encode, tasks)
 
 
-def _tasks(docs: datasets.Dataset, indices: np.ndarray) -> list[np.ndarray]:
-    """Split ``indices`` into consecutive runs of about TASK_BYTES of text each."""
-    sizes = np.concatenate(
+def _document_bytes(docs: datasets.Dataset) -> np.ndarray:
+    """UTF-8 size of every document, read from the Arrow column without decoding."""
+    return np.concatenate(
         [pc.binary_length(b["text"]).to_numpy(zero_copy_only=False) for b in docs.with_format("arrow").iter(10_000)]
         or [np.zeros(0, dtype=np.int64)]
-    )[indices]
+    )
+
+
+def _tasks(indices: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """Split ``indices`` (documents of ``sizes`` bytes) into consecutive runs of about TASK_BYTES of text each."""
     task_of = (np.cumsum(sizes) - sizes) // TASK_BYTES  # a document starts the task its first byte falls in
     return [t for t in np.split(indices, np.flatnonzero(np.diff(task_of)) + 1) if len(t)]
 

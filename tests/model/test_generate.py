@@ -6,16 +6,6 @@ from distllm.generate import generate, sample_next, top_k_filter, top_p_filter
 from distllm.model import Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every parallel region can wait a
-    whole scheduler time slice for its second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(n_kv_heads=2, seed=0) -> Transformer:
     # a large init_std makes the logits peaked, so greedy decoding has no near-ties
     cfg = ModelConfig(

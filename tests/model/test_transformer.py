@@ -16,16 +16,6 @@ from distllm.model.transformer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine every parallel region can wait a
-    whole scheduler time slice for its second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=128, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, max_seq_len=32)
     return ModelConfig(**{**base, **kw})
