@@ -10,7 +10,7 @@ HF model (splitting the fused projections) and both losses are compared: same ma
 
 One training step = forward + cross-entropy + backward + AdamW step + zero_grad, each library used the
 way it normally is: distllm's training loss (``distllm.loss.next_token_loss``: logits, then
-F.cross_entropy on the shifted window); HF computes the loss inside forward from ``labels``
+distllm's cross-entropy on the shifted window); HF computes the loss inside forward from ``labels``
 (``shift_labels`` holds the already shifted targets, so both compute the loss over the same T
 positions of a (B, T) input).
 fp32 on CPU, bf16 autocast on CUDA.

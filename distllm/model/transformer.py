@@ -8,8 +8,9 @@
 
 No biases anywhere. Q/K/V and gate/up are each one fused Linear (fewer, larger matmuls). Three small
 autograd Functions replace autograd's op-by-op backward where it wastes passes over memory: RoPE
-(the inverse rotation), SwiGLU (both gradient halves written into one fused buffer) and, for CPU
-training, RMSNorm; tests/model checks each against plain autograd.
+(the inverse rotation, written with dv straight into the fused qkv gradient), SwiGLU (both gradient
+halves written into one fused buffer) and, for CPU training, RMSNorm; tests/model checks each
+against plain autograd.
 
 Parameter names and shapes (hd = head_dim, nh = n_heads, nkv = kv_heads, h = hidden_dim), with the
 Hugging Face ``LlamaForCausalLM`` tensor each one maps to; the fused weights are stacked along dim 0,
@@ -42,35 +43,45 @@ from torch.utils.checkpoint import checkpoint
 
 from distllm.config import ModelConfig
 
+_fused_rms_norm = getattr(torch.ops.aten, "_fused_rms_norm", None)  # one-pass forward kernel of recent torch
+
 
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward, for CPU training.
 
     On CPU torch's rms_norm is a composition of elementwise ops, and autograd differentiates it op
-    by op (a dozen passes over x and several saved intermediates). This saves x and the per-row
-    r = rsqrt(mean(x^2) + eps) and takes eight passes. With y = x r w, x_hat = x r, g = dy w:
+    by op (a dozen passes over x and several saved intermediates). The forward here is torch's
+    one-pass ``_fused_rms_norm`` kernel where this torch has it (it has no CPU backward); it saves
+    only x and the per-row r = rsqrt(mean(x^2) + eps). With y = x r w, a = dy r and t = a x = dy x_hat:
 
-        dw = sum over rows of dy x_hat
-        dx = r (g - x_hat mean(g x_hat))
+        dw = sum over rows of t
+        dx = r (dy w - x_hat mean(dy w x_hat)) = a w - x r^2 (t . w) / d
+
+    where t . w, a matrix-vector product, gives the row means without another full-size product.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        if _fused_rms_norm is not None and x.dtype == weight.dtype == torch.float32:
+            y, r = _fused_rms_norm(x, [x.size(-1)], weight, eps)  # r: (..., 1) fp32
+        else:
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+            y = (xf * r * weight).type_as(x)
         ctx.save_for_backward(x, weight, r)
-        return (xf * r * weight).type_as(x)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        x_hat = x.to(r.dtype) * r
-        dy = dy.to(r.dtype)
-        dweight = (dy * x_hat).flatten(0, -2).sum(0)  # (d,)
-        g = dy * weight
-        dx = torch.addcmul(g, x_hat, (g * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
-        return dx.to(x.dtype), dweight.to(weight.dtype), None
+        x_dtype, x, w, dy = x.dtype, x.to(r.dtype), weight.to(r.dtype), dy.to(r.dtype)
+        a = dy * r
+        t = a * x  # dy x_hat
+        dweight = t.flatten(0, -2).sum(0)  # (d,)
+        coef = (t @ w).unsqueeze_(-1).mul_(r.square()).div_(x.size(-1))  # (..., 1): r^2 mean(dy w x_hat)
+        dx = a.mul_(w).addcmul_(x, coef, value=-1)
+        return dx.to(x_dtype), dweight.to(weight.dtype), None
 
 
 class RMSNorm(nn.Module):
@@ -98,35 +109,58 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate x (B, T, heads, hd) by position, with cos, sin (T, hd) rows of ``rope_tables``.
 
     HF Llama "rotate_half" convention: dimension i pairs with i + hd/2 (not with i + 1):
     for the halves x = [x1, x2],
 
-        out = [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]
+        out = [x1 cos - x2 sin, x2 cos + x1 sin]
 
-    where rolling x by hd/2 swaps its halves (one copy, no split/concatenate). ``inverse`` rotates
-    by the opposite angles. Computed in the tables' fp32, returned in x's dtype.
+    computed half by half straight into ``out`` (new and contiguous unless given; it must not overlap
+    x): four passes over half of x, no rotated copy of x. ``inverse`` rotates by the opposite angles.
+    The products are taken in the tables' fp32 and stored in out's dtype (x's by default).
     """
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd)
-    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin, value=-1 if inverse else 1).type_as(x)
+    half = x.size(-1) // 2
+    c, s = cos[:, None, :half], sin[:, None, half:]  # (T, 1, hd/2): cos and +sin of each frequency
+    x1, x2 = x[..., :half], x[..., half:]
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    sign = -1 if inverse else 1
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
 
 
-class RoPEFunction(torch.autograd.Function):
-    """``apply_rope`` whose backward is the inverse rotation (a rotation's transpose is its inverse):
-    three passes over the gradient instead of autograd's five."""
+class QKVRoPEFunction(torch.autograd.Function):
+    """Split the fused projection qkv (B, T, nh + 2 nkv, hd) into rotated queries q (B, T, nh, hd),
+    rotated keys k (B, T, nkv, hd) and values v (B, T, nkv, hd). q and k are rotated in one go into a
+    new tensor; v is a view of qkv.
+
+    The backward writes the inverse rotations of dq and dk and a copy of dv straight into one
+    gradient for qkv, where autograd would build the three apart and then concatenate them.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int):
         ctx.save_for_backward(cos, sin)
-        return apply_rope(x, cos, sin)
+        ctx.nh, ctx.nkv, ctx.shape = nh, nkv, qkv.shape
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin)
+        return qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):  # unused outputs arrive as zeros
         cos, sin = ctx.saved_tensors
-        return apply_rope(dy, cos, sin, inverse=True), None, None
+        nh, nkv = ctx.nh, ctx.nkv
+        dqkv = dq.new_empty(ctx.shape)
+        apply_rope(dq, cos, sin, inverse=True, out=dqkv[:, :, :nh])
+        apply_rope(dk, cos, sin, inverse=True, out=dqkv[:, :, nh : nh + nkv])
+        dqkv[:, :, nh + nkv :] = dv
+        return dqkv, None, None, None, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -186,11 +220,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        # split (not slicing): backward concatenates the three gradients instead of zero-filling
-        q, k, v = self.wqkv(x).view(B, T, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=2)  # (B, T, heads, hd)
-        q = RoPEFunction.apply(q, cos, sin).transpose(1, 2)  # (B, nh, T, hd)
-        k = RoPEFunction.apply(k, cos, sin).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.transpose(1, 2)  # (B, nkv, T, hd)
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hd)  # heads [q..., k..., v...]
+        q, k, v = (t.transpose(1, 2) for t in QKVRoPEFunction.apply(qkv, cos, sin, nh, nkv))  # (B, heads, T, hd)
         # enable_gqa: SDPA shares each kv head among n_heads // n_kv_heads query heads without
         # materialising repeated k/v; measured ~15% faster than repeat_interleave on CPU (fwd + bwd).
         if cache is None:

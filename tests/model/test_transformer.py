@@ -8,8 +8,8 @@ from distllm.config import ModelConfig
 from distllm.model import Transformer
 from distllm.model.transformer import (
     RMSNorm,
+    QKVRoPEFunction,
     RMSNormFunction,
-    RoPEFunction,
     SwiGLUFunction,
     apply_rope,
     rope_tables,
@@ -114,8 +114,8 @@ def test_rope_tables_stay_fp32_after_dtype_cast_and_meta_init():
 
 
 def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's math in plain autograd ops: explicit softmax attention with k/v heads repeated
-    for GQA, torch's rms_norm, silu(gate) * up; none of the model's hand-written backwards."""
+    """The model's math in plain autograd ops: HF's RoPE formula, explicit softmax attention with k/v
+    heads repeated for GQA, torch's rms_norm, silu(gate) * up; none of the model's hand-written backwards."""
     cfg = model.cfg
     B, T = tokens.shape
     nh, nkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -124,12 +124,16 @@ def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     def norm(x, module):
         return F.rms_norm(x, (cfg.d_model,), module.weight, cfg.norm_eps)
 
+    def rope(x):  # HF's formula: x cos + rotate_half(x) sin, with sin = [sin, sin]
+        rotate_half = torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), dim=-1)
+        return x * cos[:, None] + rotate_half * sin[:, None, hd // 2 :].repeat(1, 1, 2)
+
     x = model.tok_emb(tokens)
     for layer in model.layers:
         h = norm(x, layer.attn_norm)
         q, k, v = layer.attn.wqkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(B, T, nh, hd), cos, sin).transpose(1, 2)
-        k = apply_rope(k.view(B, T, nkv, hd), cos, sin).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+        q = rope(q.view(B, T, nh, hd)).transpose(1, 2)
+        k = rope(k.view(B, T, nkv, hd)).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
         v = v.view(B, T, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
         att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
@@ -153,8 +157,8 @@ def test_gradients_match_plain_autograd_reference():
 
 def test_hand_written_backwards_pass_gradcheck():
     cos, sin = (t.double() for t in rope_tables(8, 5, 100.0))
-    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: RoPEFunction.apply(x, cos, sin), (x,))
+    qkv = torch.randn(2, 5, 4 + 2 * 2, 8, dtype=torch.float64, requires_grad=True)  # 4 query heads, 2 kv heads
+    assert torch.autograd.gradcheck(lambda qkv: QKVRoPEFunction.apply(qkv, cos, sin, 4, 2), (qkv,))
     gate_up = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate_up,))
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
