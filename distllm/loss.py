@@ -17,22 +17,18 @@ class CrossEntropy(torch.autograd.Function):
     (N, V) allocations and about 5% of a training step (benchmarks/bench_train_step.py).
     Like F.cross_entropy it computes in the logits' dtype: upcast them first for a bf16 model.
 
-    Backward consumes the buffer, so it can run only once (no ``retain_graph`` second pass).
+    Backward spends the buffer, so it runs once (autograd's version check refuses a second pass).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, consume: bool) -> torch.Tensor:
         logp = torch.log_softmax(logits, dim=-1, out=logits if consume else None)
         ctx.save_for_backward(logp, targets)
-        ctx.used = False
         return -logp.gather(1, targets[:, None]).mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        if ctx.used:
-            raise RuntimeError("CrossEntropy.backward ran twice: its saved log-probabilities are reused in place")
-        ctx.used = True
         logp, targets = ctx.saved_tensors
         dlogits = logp.exp_()  # softmax
         dlogits.scatter_add_(1, targets[:, None], dlogits.new_full((targets.numel(), 1), -1.0))

@@ -159,8 +159,18 @@ def test_hand_written_backwards_pass_gradcheck():
     cos, sin = (t.double() for t in rope_tables(8, 5, 100.0))
     qkv = torch.randn(2, 5, 4 + 2 * 2, 8, dtype=torch.float64, requires_grad=True)  # 4 query heads, 2 kv heads
     assert torch.autograd.gradcheck(lambda qkv: QKVRoPEFunction.apply(qkv, cos, sin, 4, 2), (qkv,))
+    # SwiGLU's backward spends its saved buffer (gradcheck needs repeated backwards): one backward
+    # against plain autograd instead, and a second backward must be refused
     gate_up = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate_up,))
+    dy = torch.randn(2, 5, 6, dtype=torch.float64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    (expected,) = torch.autograd.grad(F.silu(gate) * up, gate_up, dy)
+    y = SwiGLUFunction.apply(gate_up * 1.0)  # a non-leaf input, as in the model
+    torch.testing.assert_close(y, F.silu(gate) * up)
+    (got,) = torch.autograd.grad(y, gate_up, dy, retain_graph=True)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, gate_up, dy)
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     w = torch.rand(8, dtype=torch.float64).add(0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, w))
