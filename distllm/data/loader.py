@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distllm.data.shards import SPLITS, TOKENIZER_FILE, open_shard, read_manifest
+from distllm.data.shards import SPLITS, open_shard, verify
 from distllm.errors import DataError
-from distllm.tokenizer import fingerprint, load_tokenizer
 
 
 class TokenShards:
@@ -32,27 +31,14 @@ class TokenShards:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.data_dir, self.split = Path(data_dir), split
-        manifest = read_manifest(self.data_dir)
+        manifest = verify(self.data_dir)  # tokenizer, headers and token counts against the manifest
         tok = manifest["tokenizer"]
-        expected = tok["fingerprint"]
-        actual = fingerprint(load_tokenizer(self.data_dir / TOKENIZER_FILE))
-        if actual != expected:
-            raise DataError(
-                f"{TOKENIZER_FILE} in {self.data_dir} does not match the shards (fingerprint {actual[:12]} != "
-                f"{expected[:12]}); re-run prepare"
-            )
         self.vocab_size: int = tok["vocab_size"]
         self.eot_id: int = tok["eot_id"]
-        self.fingerprint: str = expected
-        self._shards: list[np.ndarray] = []
-        for entry in manifest["splits"][split]["shards"]:
-            path = self.data_dir / entry["file"]
-            tokens = open_shard(path)
-            if len(tokens) != entry["num_tokens"]:
-                raise DataError(
-                    f"shard {path} has {len(tokens)} tokens, manifest.json says {entry['num_tokens']}; re-run prepare"
-                )
-            self._shards.append(tokens)
+        self.fingerprint: str = tok["fingerprint"]
+        self._shards: list[np.ndarray] = [
+            open_shard(self.data_dir / entry["file"]) for entry in manifest["splits"][split]["shards"]
+        ]
         sizes = [len(s) for s in self._shards]
         self._starts = np.cumsum([0] + sizes)  # _starts[k] = stream offset of shard k; _starts[-1] = total
         self.num_tokens = int(self._starts[-1])

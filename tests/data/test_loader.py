@@ -158,7 +158,7 @@ def test_tokenizer_mismatch(stream_dir):
     save_tokenizer(train_tokenizer(["a different corpus"] * 3, vocab_size=300), stream_dir / "tokenizer.json")
     with pytest.raises(
         DataError,
-        match=r"tokenizer.json in .*stream does not match the shards \(fingerprint .* != .*\); re-run prepare",
+        match=r"stream/tokenizer.json does not match the shards \(fingerprint .* != .*\); re-run prepare",
     ):
         TokenShards(stream_dir, "train")
 
