@@ -14,7 +14,7 @@ class CrossEntropy(torch.autograd.Function):
     in place, with one exp, one scatter and one scale. With ``consume=True`` that buffer is the logits
     themselves (log_softmax row by row in place: each row is read before it is written), for a caller
     that owns the logits and never reads them again. At N = 2048, V = 8192 on CPU this saves three
-    (N, V) allocations and about 5% of a training step (benchmarks/bench_train_step.py).
+    (N, V) allocations, roughly 5% of a training step (benchmarks/bench_train_step.py's shape).
     Like F.cross_entropy it computes in the logits' dtype: upcast them first for a bf16 model.
 
     Backward spends the buffer, so it runs once (autograd's version check refuses a second pass).
@@ -50,4 +50,7 @@ def next_token_loss(model: torch.nn.Module, window: torch.Tensor) -> torch.Tenso
     """
     inputs, targets = window[:, :-1], window[:, 1:]  # (B, T), (B, T)
     logits = model(inputs)  # (B, T, V), used only here
-    return cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), consume=True)
+    # Overwriting the logits saves a page-faulting (N, V) allocation on CPU; on GPUs the caching
+    # allocator makes it cheap (and bf16 logits are upcast into a new tensor anyway).
+    consume = logits.device.type == "cpu"
+    return cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), consume=consume)
