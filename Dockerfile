@@ -7,7 +7,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /opt/distllm
 
-# Dependencies first (cached layer); torch is already in the base image and satisfies ">=2.4".
+# Dependencies first (cached layer); torch is already in the base image and satisfies ">=2.5".
 COPY pyproject.toml README.md ./
 COPY distllm/__init__.py distllm/__init__.py
 RUN pip install -e . && pip uninstall -y distllm
