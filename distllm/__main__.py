@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from distllm.errors import UserError
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings and up
+    logging.getLogger("distllm").setLevel(logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
@@ -72,9 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable or missing path, full disk: the OS's message names the file
+        print(f"distllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"distllm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def check_sampling_args(args) -> None:
+    """``generate``'s own options, checked before any checkpoint is loaded."""
+    from distllm.errors import ConfigError
+
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
 
 
 def _run(args, extra: list[str], parser) -> int:
@@ -104,7 +123,10 @@ def _run(args, extra: list[str], parser) -> int:
 
         result = train(cfg)
         if result.is_main:
-            print(f"done: step {result.step}, train loss {result.loss:.4f}, val loss {result.val_loss:.4f}, "
+            def fmt(x: float) -> str:  # nan when no step ran in this process (resumed a finished run)
+                return f"{x:.4f}" if math.isfinite(x) else "n/a"
+
+            print(f"done: step {result.step}, train loss {fmt(result.loss)}, val loss {fmt(result.val_loss)}, "
                   f"checkpoint {result.checkpoint}")
     elif args.command == "eval":
         from distllm.evaluate import run_eval
@@ -113,6 +135,7 @@ def _run(args, extra: list[str], parser) -> int:
     elif args.command == "generate":
         from distllm.generate import run_generate
 
+        check_sampling_args(args)
         print(run_generate(cfg, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
                            args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed))
     return 0

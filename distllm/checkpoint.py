@@ -132,7 +132,14 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except Exception as e:  # safetensors raises several types for corrupt or mismatched files
-        raise CheckpointError(f"cannot load weights from {path / 'model.safetensors'}: {e}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+        more = sum("size mismatch" in line for line in lines) - 1
+        raise CheckpointError(
+            f"cannot load weights from {path / 'model.safetensors'}: {detail}"
+            + (f" (and {more} more)" if more > 0 else "")
+            + ("; check the model section of the config" if "size mismatch" in detail else "")
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the model (missing {sorted(missing)[:5]}, unexpected "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -221,7 +222,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {p} must contain a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         section, key, value = parse_override(item)
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or an empty "section:" line in the YAML file
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section '{section}' must be a mapping")
         raw[section][key] = value
@@ -299,13 +301,15 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

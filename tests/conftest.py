@@ -9,7 +9,9 @@ import importlib
 import inspect
 import os
 import shutil
+import subprocess
 import tempfile
+import uuid
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -23,6 +25,16 @@ import torch  # noqa: E402
 from distllm.config import Config, from_dict  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA GPU: skipped (and reported as such) without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 TINY_MODULES = (
     "argparse", "ast", "calendar", "collections", "copy", "csv", "difflib", "getopt", "gettext", "heapq",
@@ -105,3 +117,25 @@ def tiny_config(tmp_path, tiny_corpus, prepared_data) -> Config:
             "logging": {"tensorboard": False, "progress": False},
         }
     ).validate()
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs("96k")`` -> a directory on a fresh tmpfs of that size: a real full disk to
+    write into. Needs root (skipped otherwise); unmounted after the test."""
+    mounted = []
+
+    def mount(size: str):
+        mnt = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+        mnt.mkdir()
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("needs root to mount a small tmpfs")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount tmpfs: {r.stderr.decode().strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -95,7 +95,9 @@ def test_train_eval_generate_plot(tiny_config, tmp_path, capsys):
 
     assert main(["generate", str(path), "--prompt", "The ", "--max-new-tokens", "10", "--temperature", "0"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("The ") and len(text) > len("The ")
+    assert text.startswith("The ") and text.rstrip("\n") != "The "  # the prompt, then generated text
+    assert main(["generate", str(path), "--prompt", "The ", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "The \n"  # nothing generated: the prompt alone
 
     assert main(["plot", cfg.run.dir]) == 0
     out = capsys.readouterr().out
@@ -105,7 +107,36 @@ def test_train_eval_generate_plot(tiny_config, tmp_path, capsys):
 
     # resuming a finished run trains nothing and keeps the checkpoint
     assert main(["train", str(path), "--train.max_steps=12", "--checkpoint.resume_from=latest"]) == 0
-    assert "nothing to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "done: step 12, train loss n/a, val loss n/a" in out
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temperature", "-1", "--temperature must be >= 0"),
+    ("--temperature", "nan", "--temperature must be >= 0"),
+    ("--top-k", "-3", "--top-k must be >= 0"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
+])
+def test_generate_rejects_bad_sampling_options(tmp_path, option, value, message):
+    cfg = write_config(tmp_path, {"run": {"dir": str(tmp_path / "run")}})
+    assert_user_error(run_cli("generate", cfg, option, value), message)
+
+
+def test_unwritable_paths_are_one_line_errors(tmp_path, tiny_corpus, tiny_config):
+    cfg = write_config(tmp_path, {"data": {"source": str(tiny_corpus), "dir": "/dev/null/data"}})
+    assert_user_error(run_cli("prepare", cfg), "Not a directory", "/dev/null/data")
+    cfg = write_config(tmp_path, {**tiny_config.to_dict(), "run": {"dir": "/dev/null/run"}})
+    assert_user_error(run_cli("train", cfg, "--train.max_steps=3"), "Not a directory", "/dev/null/run")
+
+
+def test_prepare_on_a_full_disk(tmp_path, tiny_corpus, mount_tmpfs):
+    disk = mount_tmpfs("32k")
+    cfg = write_config(tmp_path, {"data": {"source": str(tiny_corpus), "dir": str(disk / "data")},
+                                  "tokenizer": {"vocab_size": 512}})
+    assert_user_error(run_cli("prepare", cfg), "No space left on device")
+    assert not (disk / "data" / "manifest.json").exists()  # never looks complete
 
 
 def test_eval_with_mismatched_tokenizer(tiny_config, tmp_path, tiny_corpus):

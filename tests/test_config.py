@@ -31,6 +31,13 @@ def test_int_is_accepted_for_float():
     assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
 
 
+def test_override_into_an_empty_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\nmodel:\n  n_layers: 3\n")  # "train:" with nothing under it is null in YAML
+    cfg = load_config(path, ["--train.max_steps=5"])
+    assert (cfg.train.max_steps, cfg.model.n_layers) == (5, 3)
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(CONFIGS / "debug.yaml", ["--train.seed=5"])
     save_config(cfg, tmp_path / "config.yaml")
@@ -46,6 +53,9 @@ def test_save_and_reload_round_trip(tmp_path):
     ({"optim": {"schedule": "linear"}}, "optim.schedule must be one of"),
     ({"model": {"n_layers": True}}, "model.n_layers must be an integer"),
     ({"train": 3}, "config section 'train' must be a mapping"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr must be a finite number"),
+    ({"optim": {"grad_clip": "inf"}}, "optim.grad_clip must be a finite number"),
+    ({"optim": {"lr": "fast"}}, "optim.lr must be a number"),
 ])
 def test_type_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as e:
