@@ -63,7 +63,7 @@ def hf_twin(cfg: ModelConfig) -> LlamaForCausalLM:
         num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # default RoPE (transformers 5 files it under rope_parameters)
         tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,

@@ -27,8 +27,11 @@ MIN_VOCAB_SIZE = 257
 """256 byte tokens plus EOT."""
 
 
-def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``texts`` (strings or batches of strings).
+def train_tokenizer(
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int = 2, progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` (strings or batches of strings); ``progress``
+    shows the tokenizers library's own progress bars (counting pairs, computing merges).
 
     The vocabulary may come out smaller than ``vocab_size`` when the text has too few pairs
     that occur ``min_frequency`` times; use ``tok.get_vocab_size()`` for the real size.
@@ -45,7 +48,7 @@ def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int,
         min_frequency=min_frequency,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.encode_special_tokens = True

@@ -25,7 +25,7 @@ from distllm.loss import next_token_loss
 from distllm.metrics import MetricsLogger, perplexity
 from distllm.model import count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
-from distllm.optim import build_optimizer, lr_at, set_lr
+from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 
 
 class NonFiniteLossError(UserError):
@@ -69,6 +69,7 @@ def train(cfg: Config) -> TrainResult:
     step = 0
     if resume_path is not None:
         state = checkpoint.load(resume_path, model, optimizer, restore_rng=True)
+        apply_config(optimizer, cfg.optim)  # the config's betas / eps / weight decay, not the saved ones
         if state["tokenizer_fingerprint"] != train_data.fingerprint:
             raise UserError(f"checkpoint {resume_path} was trained with a different tokenizer than {cfg.data.dir}")
         loader.load_state_dict(state["data"])

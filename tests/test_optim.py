@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distllm.config import OptimConfig
-from distllm.optim import build_optimizer, lr_at, param_groups
+from distllm.optim import apply_config, build_optimizer, lr_at, param_groups
 
 
 def test_cosine_schedule_values():
@@ -51,6 +51,18 @@ def test_shared_parameters_counted_once():
     model = torch.nn.ModuleDict({"emb": emb, "head": head})
     decay, _ = param_groups(model, 0.1)
     assert len(decay["params"]) == 1
+
+
+def test_resumed_optimizer_takes_the_new_config():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    old = build_optimizer(model, OptimConfig(weight_decay=0.1, beta2=0.95, eps=1e-8), "cpu")
+    new_cfg = OptimConfig(weight_decay=0.0, beta2=0.99, eps=1e-6)
+    opt = build_optimizer(model, new_cfg, "cpu")
+    opt.load_state_dict(old.state_dict())  # restores the saved hyperparameters...
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    apply_config(opt, new_cfg)  # ...which the resumed run replaces with its config's
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in opt.param_groups)
 
 
 def test_build_optimizer_is_adamw_with_config():

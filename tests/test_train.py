@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from distllm import checkpoint
+from distllm.config import save_config
 from distllm.errors import ConfigError, UserError
 from distllm.train import train
 
@@ -40,6 +43,48 @@ def test_training_lowers_validation_loss(tiny_config):
     assert result.checkpoint.name == "step_000060"
 
 
+def _short_run(cfg, steps=30):
+    cfg.train.max_steps, cfg.train.eval_every = steps, steps
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 5
+    train(cfg)
+    val = [r["val_loss"] for r in _records(Path(cfg.run.dir)) if "val_loss" in r]
+    return val[0], val[-1]
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_config, tmp_path):
+    """The GPU precision path (Accelerate's bf16 autocast) runs on CPU too: same code, lower loss.
+    In a fresh process: Accelerate keeps one mixed-precision setting per process."""
+    tiny_config.train.max_steps, tiny_config.train.eval_every = 30, 30
+    tiny_config.optim.lr, tiny_config.optim.warmup_steps = 3e-3, 5
+    tiny_config.train.precision = "bf16"
+    save_config(tiny_config, tmp_path / "bf16.yaml")
+    r = subprocess.run([sys.executable, "-m", "distllm", "train", str(tmp_path / "bf16.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    val = [r["val_loss"] for r in _records(Path(tiny_config.run.dir)) if "val_loss" in r]
+    assert val[-1] < val[0] - 0.3, val
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_one_gpu(tiny_config):
+    tiny_config.train.device, tiny_config.train.precision, tiny_config.train.compile = "cuda", "bf16", True
+    before, after = _short_run(tiny_config)
+    assert after < before - 0.3, (before, after)
+
+
+def test_tensorboard_and_progress_bar(tiny_config, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_config.logging.tensorboard = tiny_config.logging.progress = True
+    tiny_config.train.max_steps, tiny_config.train.eval_every, tiny_config.logging.log_every = 4, 2, 1
+    train(tiny_config)
+    assert "train:" in capsys.readouterr().err  # tqdm's bar, labelled
+    events = EventAccumulator(str(Path(tiny_config.run.dir) / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= tags, tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
 def test_resume_is_bit_exact(tiny_config, tmp_path):
     cfg = tiny_config
     cfg.train.max_steps = 8
@@ -63,6 +108,18 @@ def test_resume_is_bit_exact(tiny_config, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert json.loads((resumed.checkpoint / "state.json").read_text())["data"] == \
         json.loads((straight.checkpoint / "state.json").read_text())["data"]
+
+
+def test_resume_takes_the_new_optimizer_config(tiny_config):
+    cfg = tiny_config
+    cfg.train.max_steps, cfg.train.eval_every, cfg.optim.weight_decay = 4, 0, 0.1
+    train(cfg)
+    cfg.train.max_steps, cfg.checkpoint.resume_from = 6, "latest"
+    cfg.optim.weight_decay, cfg.optim.beta2 = 0.0, 0.99
+    result = train(cfg)
+    groups = torch.load(result.checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):

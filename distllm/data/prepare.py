@@ -76,7 +76,8 @@ def prepare(cfg: Config) -> dict:
         tok.no_truncation()
         tok.no_padding()
     else:
-        tok = train_tokenizer(_training_text(docs, ~is_val), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        tok = train_tokenizer(_training_text(docs, ~is_val), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
+                              progress=progress)
     eot, vocab_size, fp = eot_id(tok), tok.get_vocab_size(), fingerprint(tok)
     dtype = dtype_for_vocab(vocab_size)
 
