@@ -77,7 +77,7 @@ def prepare(cfg: Config) -> dict:
         tok.no_padding()
     else:
         tok = train_tokenizer(_training_text(docs, ~is_val), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency,
-                              progress=progress)
+                              progress=progress and sys.stderr.isatty())  # its bars leave blank lines in logs
     eot, vocab_size, fp = eot_id(tok), tok.get_vocab_size(), fingerprint(tok)
     dtype = dtype_for_vocab(vocab_size)
 
