@@ -57,6 +57,20 @@ class DataConfig:
     """Tokens per training sample (the model sees windows of seq_len + 1 tokens)."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (at least one document)."""
+    cache_dir: Optional[str] = None
+    """Local cache of a remote ``data.dir`` (``s3://...`` or any fsspec URL), one sub-directory per URL
+    (None = ``$DISTLLM_CACHE``, else ``~/.cache/distllm/data``). Shards are downloaded whole and checked
+    against the manifest's size and sha256 before use; later runs and epochs read the cached copies."""
+    storage_options: Optional[dict] = None
+    """Options of the fsspec filesystem of a remote ``data.dir``, e.g. ``{client_kwargs: {endpoint_url:
+    "http://127.0.0.1:9000"}}`` for an S3-compatible server (keep credentials in ``AWS_*`` environment
+    variables: this config is saved in the run directory)."""
+    storage_retries: int = 5
+    """Retries of a failed remote read (connection errors) before a clear error naming the file."""
+    storage_backoff: float = 0.5
+    """Seconds before the first retry of a remote read; doubled for each further one (at most 30 s)."""
+    read_ahead_shards: int = 2
+    """Shards of a remote ``data.dir`` downloaded in the background ahead of the one being read (0 = off)."""
     shard_tokens: int = 50_000_000
     """Maximum tokens per shard file."""
     max_documents: Optional[int] = None
@@ -311,6 +325,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -354,6 +372,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "logging.peak_flops": cfg.logging.peak_flops,
     }
     non_negative = {
+        "data.storage_retries": cfg.data.storage_retries,
+        "data.storage_backoff": cfg.data.storage_backoff,
+        "data.read_ahead_shards": cfg.data.read_ahead_shards,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
