@@ -55,6 +55,17 @@ class DataConfig:
     """Output of ``distllm prepare`` and input of training: tokenizer.json, shards, manifest.json."""
     seq_len: int = 256
     """Tokens per training sample (the model sees windows of seq_len + 1 tokens)."""
+    mix: Optional[dict[str, float]] = None
+    """Train on several prepared data directories mixed by weight, e.g. ``{data/web: 0.7, data/code: 0.3}``
+    (weights are normalised; all made with one tokenizer). None: the train split of ``data.dir``.
+    Validation always reads the val split of ``data.dir``."""
+    prefetch: int = 2
+    """Micro-batches a background thread reads ahead of the training step (0 = read in the step)."""
+    document_mask: bool = False
+    """Keep attention inside documents: the loader gives each window's document ids (split at end-of-text)."""
+    verify_shards: bool = True
+    """Check each shard's sha256 and token ids against the manifest before its first use (once per
+    shard per run, in background threads ahead of the batches); false: header and size only."""
     val_fraction: float = 0.01
     """Fraction of documents held out for validation (at least one document)."""
     cache_dir: Optional[str] = None
@@ -328,6 +339,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        if typing.get_args(tp):  # dict[K, V]: check keys and values
+            key_tp, value_tp = typing.get_args(tp)
+            return {_coerce(f"{name} key", k, key_tp): _coerce(f"{name}[{k!r}]", v, value_tp) for k, v in value.items()}
         return value
     if tp is str:
         if not isinstance(value, str):
@@ -343,6 +357,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Check values and their combinations; raise ConfigError naming the key to fix."""
     positive = {
         "data.seq_len": cfg.data.seq_len,
+        **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
         "data.shard_tokens": cfg.data.shard_tokens,
         "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
         "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
@@ -372,6 +387,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "logging.peak_flops": cfg.logging.peak_flops,
     }
     non_negative = {
+        "data.prefetch": cfg.data.prefetch,
         "data.storage_retries": cfg.data.storage_retries,
         "data.storage_backoff": cfg.data.storage_backoff,
         "data.read_ahead_shards": cfg.data.read_ahead_shards,
@@ -387,6 +403,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name, value in optional_positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive (or null), got {value}")
+    if cfg.data.mix is not None and not cfg.data.mix:
+        raise ConfigError("data.mix must name at least one data directory with a weight (or be null)")
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")

@@ -129,6 +129,73 @@ def sha256_file(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def verify_shard(
+    path: str | os.PathLike,
+    entry: dict,
+    fingerprint: str,
+    dtype: np.dtype,
+    vocab_limit: int | None = None,
+    check_hash: bool = True,
+    block_size: int = 1 << 22,
+) -> ShardHeader:
+    """Check one shard against its manifest ``entry`` before its tokens are used; DataError naming the file.
+
+    The header (magic, version, file size), the tokenizer ``fingerprint``, the token ``dtype`` and
+    count against the manifest; then one pass over the file computes its sha256 (``check_hash``)
+    and looks for a token id ``>= vocab_limit`` (reported with its offset in the shard).
+    """
+    path = Path(path)
+    header = read_header(path)
+    if header.fingerprint != fingerprint:
+        raise DataError(
+            f"shard {path} was made with another tokenizer (fingerprint {header.fingerprint[:12]} != "
+            f"{fingerprint[:12]} in {MANIFEST}); re-run prepare"
+        )
+    if header.dtype != np.dtype(dtype):
+        raise DataError(f"shard {path} holds {header.dtype.name} tokens, {MANIFEST} says {np.dtype(dtype).name}")
+    if header.num_tokens != entry["num_tokens"]:
+        raise DataError(
+            f"shard {path} has {header.num_tokens} tokens, {MANIFEST} says {entry['num_tokens']}; re-run prepare"
+        )
+    if not check_hash and vocab_limit is None:
+        return header
+    digest = hashlib.sha256()
+    bad_offset = bad_id = None  # first out-of-vocabulary token
+    block_size -= block_size % header.itemsize
+    with open(path, "rb") as f:
+        digest.update(f.read(HEADER_SIZE))
+        offset = 0  # tokens read so far
+        while block := f.read(block_size):
+            if check_hash:
+                digest.update(block)
+            if vocab_limit is not None and bad_offset is None:
+                tokens = np.frombuffer(block, dtype=header.dtype)
+                if tokens.size and int(tokens.max()) >= vocab_limit:
+                    i = int(np.argmax(tokens >= vocab_limit))
+                    bad_offset, bad_id = offset + i, int(tokens[i])
+            offset += len(block) // header.itemsize
+    if check_hash and digest.hexdigest() != entry["sha256"]:
+        raise DataError(
+            f"shard {path} is corrupt: its sha256 {digest.hexdigest()[:12]} differs from the {entry['sha256'][:12]} "
+            f"recorded in {MANIFEST}; re-run `distllm prepare`"
+        )
+    if bad_offset is not None:
+        raise DataError(
+            f"shard {path} holds token id {bad_id} at token offset {bad_offset}, outside the vocabulary of "
+            f"{vocab_limit} ids; it was made with another tokenizer or is corrupt (re-run `distllm prepare`), "
+            "or model.vocab_size is too small"
+        )
+    return header
+
+
+def data_fingerprint(manifest: dict, split: str) -> str:
+    """Identity of a split's token stream: sha256 over its shards' recorded sha256s, in order."""
+    digest = hashlib.sha256()
+    for shard in manifest["splits"][split]["shards"]:
+        digest.update(f"{shard['num_tokens']}:{shard['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -147,6 +214,12 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     path = data_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"no {MANIFEST} in {data_dir} — run `distllm prepare CONFIG` first (data.dir)")
+    return load_manifest(path)
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Load and sanity-check a manifest file at ``path`` (a local copy of any data directory's)."""
+    path = Path(path)
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,28 +1,32 @@
+"""The training loader: windows over shards, one global order for any number of processes, resumable state."""
+
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from distllm.data.loader import BatchLoader, SampleIndex, TokenShards
+from distllm.config import DataConfig
+from distllm.data.loader import GlobalOrder, SampleIndex, TokenShards, TrainLoader, build_train_loader
+from distllm.data.order import Permutation, derive_key
 from distllm.data.shards import read_manifest, write_manifest, write_shard
-from distllm.errors import DataError
+from distllm.errors import ConfigError, DataError
 from distllm.tokenizer import fingerprint, load_tokenizer, save_tokenizer, train_tokenizer
 
 T = 8  # seq_len
 
 
-def make_data_dir(path, tokenizer_dir, splits):
+def make_data_dir(path, tokenizer_dir, splits, vocab_size=65536):
     """A data dir whose shards hold the given token arrays (lists of shards per split)."""
     path.mkdir()
     shutil.copy(tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
-    tok = load_tokenizer(path / "tokenizer.json")
-    fp = fingerprint(tok)
+    fp = fingerprint(load_tokenizer(path / "tokenizer.json"))
     manifest = {
         "format_version": 1,
         "source": "synthetic",
         "created": "now",
-        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": tok.get_vocab_size(), "eot_id": 0},
+        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": vocab_size, "eot_id": 0},
         "dtype": "uint16",
         "splits": {},
     }
@@ -45,6 +49,12 @@ def stream_dir(tmp_path, prepared_data):
     )
 
 
+def loader(data_dir, B, G, seed=0, rank=0, world_size=1, **kw):
+    cfg = DataConfig(dir=str(data_dir), seq_len=T, **kw)
+    return build_train_loader(cfg, micro_batch_size=B, global_batch_size=G, seed=seed, rank=rank,
+                              world_size=world_size)
+
+
 def sample_ids(batch: torch.Tensor) -> list[int]:
     """Sample index of each row (token == position in the synthetic stream)."""
     return [int(row[0]) // T for row in batch]
@@ -52,10 +62,10 @@ def sample_ids(batch: torch.Tensor) -> list[int]:
 
 def test_windows_span_shards(stream_dir):
     shards = TokenShards(stream_dir, "train")
-    assert shards.num_tokens == 1003 and shards.eot_id == 0
+    assert shards.num_tokens == 1003 and shards.eot_id == 0 and shards.num_shards == 3
     for start, length in [(0, 1003), (95, 10), (99, 3), (100, 1), (100, 2), (101, 0), (990, 13)]:
         np.testing.assert_array_equal(shards.window(start, length), np.arange(start, start + length))
-    assert all(isinstance(s, np.memmap) for s in shards._shards)
+    assert all(isinstance(shards.shard(k), np.memmap) for k in range(3))
     with pytest.raises(IndexError):
         shards.window(1000, 4)
 
@@ -65,93 +75,127 @@ def test_samples_overlap_by_one_token(stream_dir):
     assert len(samples) == (1003 - 1) // T == 125
     for i in (0, 1, 12, 124):
         np.testing.assert_array_equal(samples[i], np.arange(i * T, i * T + T + 1))
+    np.testing.assert_array_equal(samples.read(np.array([3, 12, 0])), np.stack([samples[3], samples[12], samples[0]]))
     # targets (window[1:]) are the inputs (window[:-1]) shifted by one
     np.testing.assert_array_equal(samples[3][1:], samples[3][:-1] + 1)
     assert samples[3][-1] == samples[4][0]
 
 
-def test_real_prepared_data_batches(prepared_data):
-    shards = TokenShards(prepared_data, "train")
-    manifest = read_manifest(prepared_data)
-    assert shards.num_tokens == manifest["splits"]["train"]["num_tokens"] and shards.vocab_size == 512
-    batch = next(BatchLoader(shards, seq_len=32, batch_size=4, seed=0))
-    assert batch.dtype == torch.int64 and batch.shape == (4, 33)
-    assert int(batch.max()) < shards.vocab_size
+def test_real_prepared_data_batches(tiny_config):
+    with build_train_loader(tiny_config.data, micro_batch_size=4, global_batch_size=4, seed=0,
+                            vocab_limit=tiny_config.model.vocab_size) as train:
+        batch = next(train)
+        assert batch.dtype == torch.int64 and batch.shape == (4, 33)
+        assert int(batch.max()) < train.vocab_size == 512
+        assert train.fingerprint == read_manifest(tiny_config.data.dir)["tokenizer"]["fingerprint"]
+        assert train.last_indices.shape == (4,)
+        np.testing.assert_array_equal(batch.numpy(), SampleIndex(TokenShards(tiny_config.data.dir, "train"), 32)
+                                      .read(train.last_indices))
+
+
+def test_last_indices_are_the_samples_returned(stream_dir):
+    with loader(stream_dir, B=4, G=4, seed=1) as train:
+        for _ in range(40):
+            batch = next(train)
+            assert sample_ids(batch) == train.last_indices.tolist()
 
 
 def test_epoch_covers_every_sample_once_then_rolls_over(stream_dir):
-    loader = BatchLoader(TokenShards(stream_dir, "train"), T, batch_size=4, seed=1, world_size=1)
-    assert loader.batches_per_epoch == 125 // 4 == 31
-    seen = [i for _ in range(31) for i in sample_ids(next(loader))]
-    assert sorted(seen) == sorted(set(seen)) and len(seen) == 124  # one sample dropped
-    assert seen != sorted(seen)  # shuffled
-    assert (loader.epoch, loader.sample_index) == (0, 124)
-    first_of_epoch1 = sample_ids(next(loader))
-    assert (loader.epoch, loader.sample_index) == (1, 4)
-    assert first_of_epoch1 == np.random.default_rng([1, 1]).permutation(125)[:4].tolist()
-    assert first_of_epoch1 != seen[:4]
+    with loader(stream_dir, B=4, G=4, seed=1) as train:
+        assert train.batches_per_epoch() == 125 // 4 == 31
+        seen = [i for _ in range(31) for i in sample_ids(next(train))]
+        assert sorted(seen) == sorted(set(seen)) and len(seen) == 124  # one sample dropped
+        assert seen != sorted(seen)  # shuffled
+        state = train.state_dict()["sources"][0]
+        assert (state["epoch"], state["sample_index"]) == (0, 124)
+        first_of_epoch1 = sample_ids(next(train))
+        state = train.state_dict()["sources"][0]
+        assert (state["epoch"], state["sample_index"]) == (1, 4)
+        data_id = TokenShards(stream_dir, "train").data_id
+        assert first_of_epoch1 == Permutation(125, derive_key(1, 1, data_id))[0:4].tolist()
+        assert first_of_epoch1 != seen[:4]
+
+
+def test_epoch_remainder_is_dropped_by_the_global_batch(stream_dir):
+    """125 samples, G = 8: 15 steps per epoch for any micro-batch and number of processes (i6)."""
+    for B, w in [(8, 1), (4, 1), (2, 2), (1, 4), (4, 2)]:
+        ranks = [loader(stream_dir, B=B, G=8, seed=3, rank=r, world_size=w) for r in range(w)]
+        for _ in range(15 * (8 // (B * w))):
+            for r in ranks:
+                next(r)
+        assert [r.state_dict()["sources"][0]["sample_index"] for r in ranks] == [120] * w
+        for _ in range(8 // (B * w)):  # one more step: the first of epoch 1
+            for r in ranks:
+                next(r)
+        assert [(r.epoch, r.state_dict()["sources"][0]["sample_index"]) for r in ranks] == [(1, 8)] * w
+        for r in ranks:
+            r.close()
 
 
 def test_ranks_split_the_global_batch(stream_dir):
-    shards = TokenShards(stream_dir, "train")
-    single = BatchLoader(shards, T, batch_size=6, seed=3)
-    ranks = [BatchLoader(shards, T, batch_size=3, seed=3, rank=r, world_size=2) for r in range(2)]
-    for _ in range(45):  # crosses two epoch boundaries (20 batches per epoch)
-        parts = [next(r) for r in ranks]
-        assert not set(sample_ids(parts[0])) & set(sample_ids(parts[1]))
-        torch.testing.assert_close(torch.cat(parts), next(single))
+    """Micro-step m of rank r takes positions [m*w*B + r*B, +B); the union over ranks is the global batch."""
+    single = loader(stream_dir, B=8, G=8, seed=3)
+    ranks = [loader(stream_dir, B=2, G=8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(40):  # crosses two epoch boundaries (15 steps per epoch)
+        expected = next(single)
+        parts = [[next(r) for r in ranks] for _ in range(2)]  # 2 micro-steps x 2 ranks
+        got = torch.cat([p for micro in parts for p in micro])
+        torch.testing.assert_close(got, expected)
+        assert len(set(sample_ids(got))) == 8  # disjoint
     assert single.epoch == ranks[0].epoch == ranks[1].epoch == 2
 
 
+@pytest.mark.parametrize("prefetch", [0, 3])
 @pytest.mark.parametrize("new_world_size", [1, 2, 4])
-def test_resume_gives_the_identical_next_batch(stream_dir, new_world_size):
-    shards = TokenShards(stream_dir, "train")
-    loader = BatchLoader(shards, T, batch_size=4, seed=7)
+def test_resume_gives_the_identical_next_batch(stream_dir, new_world_size, prefetch):
+    train = loader(stream_dir, B=4, G=4, seed=7, prefetch=prefetch)
     for _ in range(40):  # into the second epoch
-        next(loader)
-    state = loader.state_dict()
-    assert state == {"epoch": 1, "sample_index": 36, "seed": 7, "seq_len": T, "num_samples": 125}
-    expected = torch.cat([next(loader) for _ in range(3)])
+        next(train)
+    state = json.loads(json.dumps(train.state_dict()))
+    assert (state["sources"][0]["epoch"], state["sources"][0]["sample_index"], state["seed"]) == (1, 36, 7)
+    expected = torch.cat([next(train) for _ in range(3)])
+    train.close()
 
     micro = 4 // new_world_size
-    resumed = [
-        BatchLoader(shards, T, batch_size=micro, seed=999, rank=r, world_size=new_world_size)
-        for r in range(new_world_size)
-    ]
+    resumed = [loader(stream_dir, B=micro, G=4, seed=999, rank=r, world_size=new_world_size, prefetch=prefetch)
+               for r in range(new_world_size)]
     for r in resumed:
         r.load_state_dict(state)
     got = torch.cat([torch.cat([next(r) for r in resumed]) for _ in range(3)])
     torch.testing.assert_close(got, expected)
+    for r in resumed:
+        r.close()
 
 
-def test_state_of_another_dataset_is_refused(stream_dir):
-    shards = TokenShards(stream_dir, "train")
-    state = BatchLoader(shards, T, batch_size=4, seed=0).state_dict()
-    with pytest.raises(DataError, match="another dataset"):
-        BatchLoader(shards, T + 1, batch_size=4, seed=0).load_state_dict(state)
-    with pytest.raises(DataError, match="another dataset"):
-        BatchLoader(shards, T, batch_size=4, seed=0).load_state_dict({**state, "num_samples": 126})
+def test_state_only_at_step_boundaries(stream_dir):
+    with loader(stream_dir, B=2, G=4, seed=0) as train:
+        next(train)
+        with pytest.raises(RuntimeError, match="optimizer-step boundary"):
+            train.state_dict()
+        next(train)
+        assert train.state_dict()["samples_seen"] == 4
 
 
-def test_validation_loader_is_deterministic(stream_dir):
-    shards = TokenShards(stream_dir, "val")
-    a = BatchLoader(shards, T, batch_size=2, seed=0, shuffle=False)
-    b = BatchLoader(shards, T, batch_size=2, seed=123, shuffle=False)
-    first = next(a)
-    np.testing.assert_array_equal(first.numpy(), np.stack([np.arange(0, 9), np.arange(8, 17)]) + 7)
-    torch.testing.assert_close(first, next(b))
-    epoch = [first, next(a), next(a)]  # 6 samples = exactly 3 batches per epoch, in order
-    assert [i for batch in epoch for i in sample_ids(batch - 7)] == [0, 1, 2, 3, 4, 5]
-    assert (a.epoch, a.sample_index) == (0, 6)
-    torch.testing.assert_close(next(a), first)  # then it starts over
-    torch.testing.assert_close(torch.stack([next(b), next(b), next(a)]), torch.stack([epoch[1], epoch[2], epoch[1]]))
+def test_state_of_another_dataset_is_refused(stream_dir, tmp_path, prepared_data):
+    state = loader(stream_dir, B=4, G=4).state_dict()
+    other = make_data_dir(tmp_path / "other", prepared_data, {"train": [np.arange(1003) + 1], "val": [np.arange(50)]})
+    with pytest.raises(DataError, match="the data loader state is for other data"):
+        loader(other, B=4, G=4).load_state_dict(state)
+    cfg = DataConfig(dir=str(stream_dir), seq_len=T + 1)
+    with pytest.raises(DataError, match="resume with the same data.dir / data.mix and data.seq_len"):
+        build_train_loader(cfg, micro_batch_size=4, global_batch_size=4, seed=0).load_state_dict(state)
 
 
-def test_split_too_short(stream_dir, prepared_data):
-    with pytest.raises(DataError, match=r"val split has 50 tokens, fewer than data.seq_len\+1 = 65"):
+def test_split_too_short(stream_dir):
+    with pytest.raises(DataError, match=r"val split of .* has 50 tokens, fewer than data.seq_len\+1 = 65"):
         SampleIndex(TokenShards(stream_dir, "val"), 64)
-    with pytest.raises(DataError, match="fewer than one batch"):
-        BatchLoader(TokenShards(stream_dir, "val"), T, batch_size=4, seed=0, world_size=2)
+    with pytest.raises(DataError, match="fewer than one global batch of 128"):
+        loader(stream_dir, B=64, G=128, world_size=2)
+
+
+def test_batch_sizes_must_divide(stream_dir):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(6\) must be a positive multiple"):
+        loader(stream_dir, B=4, G=6)
 
 
 def test_tokenizer_mismatch(stream_dir):
@@ -164,5 +208,13 @@ def test_tokenizer_mismatch(stream_dir):
 
 
 def test_missing_manifest(tmp_path):
-    with pytest.raises(DataError, match="no manifest.json"):
+    with pytest.raises(DataError, match="no manifest.json|manifest.json"):
         TokenShards(tmp_path, "train")
+
+
+def test_global_order_memory_does_not_grow_with_the_corpus():
+    """The order of 1e12 samples is computed on demand: a few integers, no stored permutation."""
+    perm = Permutation(10**12, key=5)
+    ids = perm[10**12 - 3 : 10**12]
+    assert ids.shape == (3,) and ids.max() < 10**12 and len(set(ids.tolist())) == 3
+    assert not any(isinstance(v, np.ndarray) and v.size > 64 for v in vars(perm).values())
