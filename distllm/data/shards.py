@@ -82,8 +82,25 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, fingerprint: str) -
     with open(tmp, "wb") as f:
         f.write(header)
         f.write(memoryview(data).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename (and before any manifest names it)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return {"file": path.name, "num_tokens": int(len(data)), "sha256": digest.hexdigest()}
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside directory ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_header(path: str | os.PathLike) -> ShardHeader:
@@ -200,11 +217,15 @@ def data_fingerprint(manifest: dict, split: str) -> str:
 
 
 def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``data_dir/manifest.json`` atomically."""
+    """Write ``data_dir/manifest.json`` atomically and durably (temp file, fsync, rename, fsync dir)."""
     path = Path(data_dir) / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
 
 
