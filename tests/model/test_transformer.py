@@ -6,14 +6,8 @@ import torch.nn.functional as F
 
 from distllm.config import ModelConfig
 from distllm.model import Transformer
-from distllm.model.transformer import (
-    RMSNorm,
-    QKVRoPEFunction,
-    RMSNormFunction,
-    SwiGLUFunction,
-    apply_rope,
-    rope_tables,
-)
+from distllm.model.kernels import QKVRoPEFunction, RMSNormFunction, SwiGLUFunction, apply_rope, rope_tables
+from distllm.model.transformer import RMSNorm
 
 
 def tiny(**kw) -> ModelConfig:
