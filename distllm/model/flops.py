@@ -15,18 +15,29 @@ Chowdhery et al. 2022, "PaLM", appendix B)::
   in the forward pass, times 3 for forward + backward. The causal mask is not discounted (as in PaLM):
   this counts the full seq_len x seq_len score matrix although half of it is masked.
 
-MFU = tokens/s * flops_per_token / peak FLOP/s.
+MFU = tokens/s * flops_per_token / peak FLOP/s, never reported above 1 (see ``mfu``).
+
+The peak: ``logging.peak_flops`` when set; else the datasheet dense bf16/fp16 peak of a known GPU;
+else (CPU, unknown GPU, fp32) the measured matmul throughput, the best of several trials spread over
+a few seconds, cached per machine in ``peak_flops.json`` under the user cache directory (keyed by
+device model, thread count and dtype) so a busy moment in one run does not set every run's MFU.
 """
 
 from __future__ import annotations
 
-import functools
+import json
+import logging
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from distllm.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 tensor-core peaks from the NVIDIA datasheets, in FLOP/s; fp16 for the
 # GPUs without bf16 (V100, T4). Matched as substrings of torch.cuda.get_device_name(), first match
@@ -82,19 +93,37 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len)
 
 
+_mfu_warned = False
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of peak_flops."""
-    return tokens_per_s * flops_per_token / peak_flops
+    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of peak_flops, at most 1.
+
+    Above 1 the peak must be underestimated (measured while the machine was busy): the value is
+    clamped to 1 and a warning, once per process, names the cache file to delete (or
+    ``logging.peak_flops`` to set)."""
+    global _mfu_warned
+    value = tokens_per_s * flops_per_token / peak_flops
+    if value > 1.0:
+        if not _mfu_warned:
+            _mfu_warned = True
+            logger.warning(
+                "MFU came out at %.0f%%: the peak of %.3g FLOP/s is underestimated (measured on a busy machine?); "
+                "reporting 100%%. Set logging.peak_flops, or delete %s to measure again.",
+                100 * value, peak_flops, peak_cache_file(),
+            )
+        return 1.0
+    return value
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float:
     """Peak FLOP/s of one device for ``dtype``.
 
     CUDA with bf16/fp16: the datasheet dense peak of a known GPU (``GPU_PEAK_FLOPS``). Otherwise (CPU,
-    unknown GPU, fp32) the measured throughput of a square matmul in ``dtype`` (fp32 on CPU unless
-    another dtype is given), timed for well under a second and cached per process. A measured CPU
-    "peak" is what torch.matmul achieves on this machine with the current thread count, so CPU MFU
-    is relative to that, not to a datasheet figure.
+    unknown GPU, fp32) the measured matmul throughput (``measured_matmul_flops``) in ``dtype`` (fp32 on
+    CPU, which trains in fp32), cached per machine (``cached_peak``). A measured CPU "peak" is what
+    torch.matmul sustains on this machine with the current thread count, so CPU MFU is relative to
+    that, not to a datasheet figure.
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -104,12 +133,70 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) 
                 return flops
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # the CPU path trains in fp32
-    return measured_matmul_flops(device.type, device.index, dtype)
+    return cached_peak(machine_key(device, dtype), lambda: measured_matmul_flops(device.type, device.index, dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device_type: str, device_index: int | None, dtype: torch.dtype) -> float:
-    """Best FLOP/s of repeated n x n matmuls (n = 1024 on CPU, 4096 on GPUs) within about 0.3 s."""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    """Cache key of a measured peak: device model, (CPU) thread count, dtype."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cpu":
+        return f"cpu | {cpu_model()} | {torch.get_num_threads()} threads | {dtype_name}"
+    model = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{device.type} | {model} | {dtype_name}"
+
+
+def peak_cache_file() -> Path:
+    """``$DISTLLM_CACHE_DIR/peak_flops.json``, else under ``$XDG_CACHE_HOME/distllm`` (``~/.cache/distllm``)."""
+    root = os.environ.get("DISTLLM_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distllm"
+    return Path(root) / "peak_flops.json"
+
+
+_peaks: dict[str, float] = {}  # this process's answers, so the file is read once per key
+
+
+def cached_peak(key: str, measure) -> float:
+    """The peak stored under ``key`` in ``peak_cache_file()``; else ``measure()``, stored there
+    (atomically; an unwritable cache only costs a measurement per process)."""
+    if key in _peaks:
+        return _peaks[key]
+    path = peak_cache_file()
+    try:
+        table = json.loads(path.read_text())
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    value = table.get(key)
+    if not (isinstance(value, (int, float)) and value > 0):
+        value = float(measure())
+        table[key] = value
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.debug("could not cache the peak FLOP/s in %s: %s", path, e)
+    _peaks[key] = float(value)
+    return _peaks[key]
+
+
+def measured_matmul_flops(device_type: str, device_index: int | None, dtype: torch.dtype,
+                          trials: int = 5, seconds: float = 0.3, pause: float = 0.2) -> float:
+    """Best FLOP/s of one n x n matmul (n = 1024 on CPU, 4096 on GPUs) over ``trials`` trials of
+    ``seconds`` each, ``pause`` apart: a busy moment spoils a trial, not the result."""
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     n = 1024 if device.type == "cpu" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -121,10 +208,14 @@ def measured_matmul_flops(device_type: str, device_index: int | None, dtype: tor
 
     torch.matmul(a, b)  # warm-up
     sync()
-    best, deadline = 0.0, time.perf_counter() + 0.3
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    best = 0.0
+    for trial in range(trials):
+        if trial:
+            time.sleep(pause)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best

@@ -1,3 +1,6 @@
+import json
+import logging
+
 import pytest
 import torch
 
@@ -43,10 +46,76 @@ def test_mfu():
     assert mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
 
 
-def test_peak_flops_cpu_is_measured_and_cached():
-    a = peak_flops(torch.device("cpu"), torch.float32)
-    assert 1e8 < a < 1e14
-    assert peak_flops("cpu", torch.float32) == a
+@pytest.fixture
+def peak_cache(tmp_path, monkeypatch):
+    """A private cache file and an empty per-process memory; measurements counted, never timed."""
+    monkeypatch.setenv("DISTLLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(flops_module, "_peaks", {})
+    calls = []
+
+    def fake_measure(device_type, device_index, dtype):
+        calls.append((device_type, dtype))
+        return 100e9 + len(calls)  # a different answer each time, to see which one is kept
+
+    monkeypatch.setattr(flops_module, "measured_matmul_flops", fake_measure)
+    return calls
+
+
+def test_peak_is_measured_once_per_machine_and_cached_in_a_file(peak_cache, monkeypatch):
+    path = flops_module.peak_cache_file()
+    assert path.name == "peak_flops.json" and not path.exists()
+    first = peak_flops("cpu", torch.float32)
+    assert peak_cache == [("cpu", torch.float32)] and first == 100e9 + 1
+    assert peak_flops("cpu", torch.bfloat16) == first  # the CPU path trains in fp32: same key
+    table = json.loads(path.read_text())
+    (key,) = table
+    assert flops_module.cpu_model() in key and f"{torch.get_num_threads()} threads" in key and "float32" in key
+    assert table[key] == first
+
+    monkeypatch.setattr(flops_module, "_peaks", {})  # a new process on the same machine: read, not measured
+    assert peak_flops("cpu", torch.float32) == first and len(peak_cache) == 1
+
+    torch.set_num_threads(torch.get_num_threads() + 1)  # another thread count is another peak
+    assert peak_flops("cpu", torch.float32) == 100e9 + 2
+    assert len(json.loads(path.read_text())) == 2
+
+
+def test_corrupt_or_unwritable_cache_only_costs_a_measurement(peak_cache, monkeypatch, tmp_path):
+    path = flops_module.peak_cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert peak_flops("cpu", torch.float32) == 100e9 + 1
+    assert list(json.loads(path.read_text()).values()) == [100e9 + 1]  # rewritten whole
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DISTLLM_CACHE_DIR", str(blocker / "sub"))  # cannot be a directory
+    monkeypatch.setattr(flops_module, "_peaks", {})
+    assert peak_flops("cpu", torch.float32) == 100e9 + 2
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("DISTLLM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert flops_module.peak_cache_file() == tmp_path / "distllm" / "peak_flops.json"
+    monkeypatch.setenv("DISTLLM_CACHE_DIR", str(tmp_path / "mine"))
+    assert flops_module.peak_cache_file() == tmp_path / "mine" / "peak_flops.json"
+
+
+def test_mfu_never_exceeds_one_and_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(flops_module, "_mfu_warned", False)
+    with caplog.at_level(logging.WARNING, logger="distllm"):
+        assert mfu(1000.0, 1e9, 0.5e12) == 1.0  # 2e12 achieved against a 0.5e12 "peak"
+        assert mfu(1000.0, 1e9, 0.25e12) == 1.0
+        assert mfu(1000.0, 1e9, 4e12) == pytest.approx(0.25)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "200%" in warnings[0].getMessage() and "underestimated" in warnings[0].getMessage()
+    assert "logging.peak_flops" in warnings[0].getMessage()
+
+
+def test_measured_peak_is_a_plausible_cpu_figure():
+    flops = flops_module.measured_matmul_flops("cpu", None, torch.float32, trials=2, seconds=0.05, pause=0.0)
+    assert 1e8 < flops < 1e14
 
 
 @pytest.mark.parametrize(
@@ -68,7 +137,7 @@ def test_peak_flops_gpu_datasheet(monkeypatch, name, expected):
     assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == expected
 
 
-def test_peak_flops_unknown_gpu_falls_back_to_measurement(monkeypatch):
+def test_peak_flops_unknown_gpu_falls_back_to_a_cached_measurement(monkeypatch, peak_cache):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU 9000")
-    monkeypatch.setattr(flops_module, "measured_matmul_flops", lambda *args: 42.0)
-    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == 42.0
+    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == 100e9 + 1
+    assert "Mystery GPU 9000" in next(iter(json.loads(flops_module.peak_cache_file().read_text())))
