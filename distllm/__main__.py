@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 
 from distllm.errors import UserError
@@ -69,17 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distllm").setLevel(logging.INFO)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # in a multi-process job every rank sees the same user error: rank 0 alone reports it
+    report = os.environ.get("RANK", "0") == "0"
     try:
         return _run(args, extra, parser)
-    except UserError as e:
-        print(f"distllm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unwritable or missing path, full disk: the OS's message names the file
-        print(f"distllm {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:  # OSError: unwritable or missing path, full disk (the message names it)
+        if report:
+            print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"distllm {args.command}: interrupted", file=sys.stderr)
+        if report:
+            print(f"distllm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _shutdown_process_group()
+
+
+def _shutdown_process_group() -> None:
+    """Leave the process group cleanly (an abandoned gloo/NCCL group aborts the process at exit)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to leave
+            pass
 
 
 def check_sampling_args(args) -> None:
@@ -126,8 +143,10 @@ def _run(args, extra: list[str], parser) -> int:
             def fmt(x: float) -> str:  # nan when no step ran in this process (resumed a finished run)
                 return f"{x:.4f}" if math.isfinite(x) else "n/a"
 
-            print(f"done: step {result.step}, train loss {fmt(result.loss)}, val loss {fmt(result.val_loss)}, "
+            state = f"stopped ({result.stopped})" if result.stopped else "done"
+            print(f"{state}: step {result.step}, train loss {fmt(result.loss)}, val loss {fmt(result.val_loss)}, "
                   f"checkpoint {result.checkpoint}")
+        return result.exit_code
     elif args.command == "eval":
         from distllm.evaluate import run_eval
 

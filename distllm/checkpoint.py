@@ -1,38 +1,61 @@
-"""Checkpoints: atomic save, discovery of the newest complete one, load.
+"""Checkpoints: a collective, atomic commit; discovery of the newest committed one; safe loading.
 
 Layout of a run directory::
 
     RUN_DIR/checkpoints/step_000300/
-        model.safetensors   model weights (tied weights stored once)
-        optimizer.pt        optimizer state_dict
-        state.json          step, data position, tokenizer fingerprint, resolved config
-        rng.pt              torch / numpy / python RNG states
-        COMPLETE            commit marker, written last
+        model.safetensors             full fp32 weights by parameter name (one process or DDP), or
+        model-rank00000.safetensors   ... one file per rank under ZeRO: each rank writes the whole
+        model-rank00001.safetensors       tensors of the parameters it owns (parameter i -> rank i % N)
+        optimizer*.safetensors        AdamW moments "<name>.exp_avg" / "<name>.exp_avg_sq", same sharding
+        rng-rank00000.json ...        torch / CUDA / numpy / python RNG states of every rank
+        state.json                    step, tokens, data position, tokenizer fingerprint, resolved config
+        tokenizer.json                the tokenizer the run trained with (for eval / generate / export)
+        COMPLETE                      commit marker: a manifest of every file's size and sha256, written last
 
-A checkpoint is written into a hidden temporary directory next to its final place and renamed
-into place only after every file (and the ``COMPLETE`` marker) is on disk, so a crash or a full
-disk never leaves a half-written ``step_*`` directory, and the previous checkpoint is never
-touched before the new one is committed. Nothing without ``COMPLETE`` is ever loaded.
+The format does not depend on the number of processes or the engine: a checkpoint written by 2
+ZeRO-3 ranks loads into 1 process, into DDP or into ZeRO-2 with no conversion step, with the
+Adam moments restored exactly (``Runtime.load_training_state`` maps them by parameter name).
+Nothing is pickled: tensors go through safetensors, everything else is JSON.
+
+Commit protocol (``save``), run by every rank:
+
+1. rank 0 creates the hidden ``.tmp-step_N`` directory; every rank writes its files into it and
+   fsyncs them;
+2. every rank reports (file sizes, checksums, or its error) to every rank: if any rank failed, all
+   ranks raise the same CheckpointError (no rank waits forever), the temporary directory is removed
+   and the previous checkpoint stays the newest committed one;
+3. rank 0 renames the directory into place, then writes ``COMPLETE`` (atomically) and fsyncs;
+4. only then are checkpoints beyond ``keep_last`` deleted, each one's marker first.
+
+A directory without ``COMPLETE``, or whose files do not match it, is never loaded.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
+from distllm import faults
 from distllm.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from distllm.distributed import Runtime
+
+FORMAT_VERSION = 2
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names in a manifest: no separators, nothing hidden
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -43,15 +66,50 @@ def step_path(run_dir: str | os.PathLike, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:06d}"
 
 
+# ---------------------------------------------------------------------------- discovery
+
+
+def read_marker(path: Path) -> dict:
+    """The commit manifest of a checkpoint; CheckpointError if it is not committed or not readable."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path} is not committed (no {MARKER} marker); it cannot be trusted")
+    try:
+        text = marker.read_text()
+        manifest = {"format_version": 1} if text.strip() == "ok" else json.loads(text)  # 1: distllm 0.1
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MARKER} marker ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version!r}; this distllm reads version {FORMAT_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {path}: {MARKER} lists no files")
+    for name in files:
+        if not _FILE_NAME.match(name) or name in (".", ".."):
+            raise CheckpointError(f"checkpoint {path}: {MARKER} names {name!r}, which is not a plain file name")
+    return manifest
+
+
+def is_committed(path: Path) -> bool:
+    try:
+        read_marker(path)
+        return True
+    except CheckpointError:
+        return False
+
+
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Committed checkpoints of a run, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / MARKER).is_file():
+        if m and p.is_dir() and is_committed(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -62,109 +120,328 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
-    """``None`` -> None; ``latest`` -> newest complete checkpoint of the run (or None); else a path."""
+    """``checkpoint.resume_from`` -> a committed checkpoint or None.
+
+    ``None`` -> None; ``latest`` -> the newest committed checkpoint of the run (or None); ``step_N``
+    -> that checkpoint of the run; else a path to a checkpoint directory.
+    """
     if spec is None:
         return None
     if spec == "latest":
         return latest(run_dir)
-    path = Path(spec)
+    if ".." in Path(spec).parts:
+        raise CheckpointError(f"checkpoint {spec!r} contains '..'; give the checkpoint's absolute path instead")
+    path = checkpoint_dir(run_dir) / spec if _STEP_DIR.match(spec) else Path(spec)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); it cannot be trusted")
+    read_marker(path)
     return path
 
 
-def save(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         state: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, then prune older ones beyond ``keep_last``."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_path(run_dir, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        _fsync_dir_files(tmp)
-        (tmp / MARKER).write_text("ok\n")
-        _fsync(tmp / MARKER)
-        _fsync(tmp)
-        if final.exists():  # re-saving the same step: swap, never delete before the new one exists
-            old = root / f".old-{final.name}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync(root)
-    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError, not OSError
-        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(root).free < (1 << 20)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        previous = latest(run_dir)
-        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        reason = "no space left on device" if full else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from None
-    for old in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def locate(target: str | os.PathLike) -> Path:
+    """A run directory -> its newest committed checkpoint; a checkpoint directory -> itself."""
+    path = Path(target)
+    if ".." in path.parts:
+        raise CheckpointError(f"{target!r} contains '..'; give an absolute path instead")
+    if (path / MARKER).exists() or _STEP_DIR.match(path.name):
+        read_marker(path)
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"no run or checkpoint directory at {path}")
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"no committed checkpoint in {checkpoint_dir(path)}; train first or name a checkpoint")
+    return found
 
 
 def read_state(path: Path) -> dict:
     try:
-        return json.loads((path / "state.json").read_text())
+        return json.loads((Path(path) / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} has no readable state.json: {e}") from None
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         restore_rng: bool = False) -> dict:
-    """Load weights (and optimizer / RNG state if given) from a complete checkpoint; return its state."""
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker); it cannot be trusted")
-    state = read_state(path)
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except Exception as e:  # safetensors raises several types for corrupt or mismatched files
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
-        more = sum("size mismatch" in line for line in lines) - 1
-        raise CheckpointError(
-            f"cannot load weights from {path / 'model.safetensors'}: {detail}"
-            + (f" (and {more} more)" if more > 0 else "")
-            + ("; check the model section of the config" if "size mismatch" in detail else "")
-        ) from None
+# ---------------------------------------------------------------------------- tensors
+
+
+class TensorReader:
+    """Lazy access by key to the tensors of a checkpoint's ``<prefix>*.safetensors`` files."""
+
+    def __init__(self, path: Path, prefix: str, files: list[str]):
+        from safetensors import safe_open
+
+        self.path, self._where = Path(path), {}
+        self._handles = []
+        for name in sorted(f for f in files if f.startswith(prefix) and f.endswith(".safetensors")):
+            try:
+                handle = safe_open(str(self.path / name), framework="pt")
+            except Exception as e:  # safetensors raises its own types for a corrupt header
+                raise CheckpointError(f"cannot read {self.path / name}: {_first_line(e)}") from None
+            self._handles.append(handle)
+            for key in handle.keys():
+                self._where[key] = handle
+            self.metadata = handle.metadata() or {}
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {key!r}")
+        return self._where[key].get_tensor(key)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All model weights of a committed checkpoint, by parameter name (full fp32 tensors)."""
+    path = Path(path)
+    manifest = read_marker(path)
+    reader = TensorReader(path, "model", list(manifest["files"]))
+    return {k: reader.get(k) for k in sorted(reader.keys())}
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into a single-device model (eval, generate), strictly."""
+    manifest = read_marker(path)
+    reader = TensorReader(path, "model", list(manifest["files"]))
+    copy_weights(model, reader, path)
+
+
+def copy_weights(model: torch.nn.Module, reader: TensorReader, path: Path) -> None:
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - reader.keys()), sorted(reader.keys() - set(params))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path} does not match the model (missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}); check the model section of the config"
+            f"checkpoint {path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+            "check the model section of the config"
         )
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    if restore_rng and (path / "rng.pt").is_file():
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return state
+    with torch.no_grad():
+        for name, p in params.items():
+            t = reader.get(name)
+            if t.shape != p.shape:
+                raise CheckpointError(
+                    f"cannot load weights from {path}: size mismatch for {name}: the checkpoint has "
+                    f"{tuple(t.shape)}, the model {tuple(p.shape)}; check the model section of the config"
+                )
+            p.copy_(t)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+# ---------------------------------------------------------------------------- save (collective)
+
+
+def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer, state: dict, keep_last: int,
+         tokenizer_file: Path | None = None) -> Path:
+    """Write checkpoint ``step`` with the commit protocol of the module docstring. Every rank calls it."""
+    root, final = checkpoint_dir(run_dir), step_path(run_dir, step)
+    tmp = root / f".tmp-{final.name}"
+    if rt.broadcast_object(is_committed(final) if rt.is_main else None):
+        return final  # this step is already committed (the same state): never replace a good checkpoint
+    error = None
+    if rt.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = _describe(e)
+    error = rt.broadcast_object(error)
+    if error:
+        raise CheckpointError(f"could not write checkpoint {final}: {error}{_intact(run_dir)}")
+
+    weights, moments, adam_step = rt.owned_state(model, optimizer)  # collective under ZeRO
+    single = not rt.deepspeed  # one writer holds everything: plain file names other tools read
+    suffix = "" if single else f"-rank{rt.rank:05d}"
+    files: dict[str, dict] = {}
+    try:
+        if not tmp.is_dir():
+            raise CheckpointError(f"{tmp} is not visible on rank {rt.rank}: run.dir must be on a filesystem "
+                                  "that every node shares")
+        from safetensors.torch import save_file
+
+        written: list[str] = []
+        if weights or rt.is_main:
+            save_file(weights, str(tmp / f"model{suffix}.safetensors"), metadata={"format": "pt"})
+            written.append(f"model{suffix}.safetensors")
+            faults.trigger("save", rank=rt.rank, step=step)
+            save_file(moments, str(tmp / f"optimizer{suffix}.safetensors"),
+                      metadata={"format": "pt", "adam_step": str(adam_step)})
+            written.append(f"optimizer{suffix}.safetensors")
+        else:
+            faults.trigger("save", rank=rt.rank, step=step)
+        rng_name = f"rng-rank{rt.rank:05d}.json"
+        (tmp / rng_name).write_text(json.dumps(rng_state()))
+        written.append(rng_name)
+        if rt.is_main:
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            written.append("state.json")
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+                written.append("tokenizer.json")
+        for name in written:
+            _fsync(tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+    except Exception as e:  # torch / safetensors report a full disk as RuntimeError or SafetensorError
+        error = _describe(e)
+    reports = rt.gather_object((files, error))  # every rank reaches this, whatever happened above
+    failed = [(r, err) for r, (_, err) in enumerate(reports) if err]
+    if failed:
+        if rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank, err = failed[0]
+        where = f" on rank {rank}" if rt.world_size > 1 else ""
+        raise CheckpointError(f"could not write checkpoint {final}{where}: {err}{_intact(run_dir)}")
+
+    error = None
+    if rt.is_main:
+        try:
+            manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": rt.world_size,
+                        "engine": rt.engine_name, "files": {}}
+            for rank_files, _ in reports:
+                manifest["files"].update(rank_files)
+            _fsync(tmp)
+            if final.exists():  # an uncommitted leftover of a crashed save of this step
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _write_atomic(final / MARKER, json.dumps(manifest, indent=1) + "\n")
+            _fsync(final)
+            _fsync(root)
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                _retire(old, root / f".old-{old.name}")
+        except Exception as e:
+            error = _describe(e)
+    error = rt.broadcast_object(error)
+    if error:
+        raise CheckpointError(f"could not commit checkpoint {final}: {error}{_intact(run_dir)}")
+    return final
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete ``.tmp-*`` / ``.old-*`` directories of saves that crashed (call on rank 0 before training)."""
+    root = checkpoint_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        for p in root.iterdir():  # uncommitted step directories (a crash between rename and marker)
+            if _STEP_DIR.match(p.name) and p.is_dir() and not (p / MARKER).exists():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _retire(path: Path, trash: Path) -> None:
+    """Delete a checkpoint so that it is never half-trusted: marker first, then the files."""
+    (path / MARKER).unlink(missing_ok=True)
+    _fsync(path)
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _intact(run_dir) -> str:
+    previous = latest(run_dir)
+    return f"; the previous checkpoint {previous} is intact" if previous else "; no earlier checkpoint exists"
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "ENOSPC" in text:
+        return "no space left on device"
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EACCES, errno.EROFS):
+        return f"permission denied ({_first_line(e)})"
+    if isinstance(e, CheckpointError):
+        return str(e)
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------------------- load (collective)
+
+
+def load(rt: "Runtime", path: Path, model, optimizer, verify: bool = True) -> dict:
+    """Restore weights, optimizer moments and this rank's RNG from a committed checkpoint; return its state.
+
+    Works for any number of processes and any engine (see the module docstring). Every rank calls it.
+    """
+    manifest = read_marker(path)
+    check_files(path, manifest, verify=verify)
+    files = list(manifest["files"])
+    weights = TensorReader(path, "model", files)
+    moments = TensorReader(path, "optimizer", files)
+    adam_step = int(moments.metadata.get("adam_step", 0))
+    rt.load_training_state(model, optimizer, weights, moments, adam_step, path)
+    rng_file = path / f"rng-rank{rt.rank:05d}.json"
+    if rng_file.is_file() and manifest.get("world_size") == rt.world_size:
+        set_rng_state(json.loads(rng_file.read_text()))
+    return read_state(path)
+
+
+def check_files(path: Path, manifest: dict, verify: bool = True) -> None:
+    """Every file of the manifest is there with its size (and, with ``verify``, its sha256)."""
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if f.stat().st_size != meta["size"]:
+            raise CheckpointError(f"checkpoint file {f} has {f.stat().st_size} bytes, {MARKER} says {meta['size']}")
+        if verify and sha256_file(f) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} does not match its sha256 in {MARKER} (corrupt or changed)")
+
+
+# ---------------------------------------------------------------------------- RNG, files
+
+
+def rng_state() -> dict:
+    """Every RNG of this process as JSON-safe values."""
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": b64(torch.get_rng_state()),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
@@ -173,9 +450,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir_files(path: Path) -> None:
-    for f in path.iterdir():
-        _fsync(f)
-    _fsync(path)

@@ -89,6 +89,16 @@ class DataConfig:
     num_proc: Optional[int] = None
     """Tokenizer worker processes. None or 1: one process, the Rust tokenizer's threads on all cores
     (fastest on small machines); k > 1: k single-threaded processes (scales on many cores)."""
+    dedup: bool = False
+    """``prepare``: drop exact-duplicate documents (the same text, by 128-bit hash); the first copy in
+    corpus order is kept."""
+    overwrite: bool = False
+    """``prepare``: replace a ``data.dir`` already prepared from other settings or files, and a different
+    tokenizer.json in it (never one that complete checkpoints in ``run.dir`` were trained with).
+    Without it, both are refused."""
+    tokenizer_sample_bytes: int = 1_000_000_000
+    """``prepare``: train the tokenizer on at most this much training text: all of it when the corpus
+    is smaller, else an equal share of every part of the corpus."""
 
 
 @dataclass
@@ -171,6 +181,7 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""
     seed: int = 1337
+    """Seeds the model initialisation (the same on every process) and the data order."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass on each process."""
     global_batch_size: int = 8
@@ -179,23 +190,64 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on a GPU that supports it, fp32 otherwise."""
     compile: bool = False
-    """Wrap the model in ``torch.compile``."""
+    """``torch.compile`` each transformer block (after the data-parallel wrap, so gradient
+    all-reduce still overlaps the backward pass)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     eval_every: int = 100
     """Validation every this many steps (0 = only at the end)."""
     eval_batches: int = 20
-    """Micro-batches of the validation split per evaluation."""
+    """Validation micro-batches of ``micro_batch_size`` (the same samples for any number of processes)."""
+    exit_at_step: Optional[int] = None
+    """Save a checkpoint and exit 0 when the global step reaches this (the schedule still follows
+    max_steps): time-boxed jobs continue with the same command."""
+    time_limit: Optional[str] = None
+    """Wall-clock budget of this job, e.g. ``"3:50:00"``, ``"90m"``, ``"4h"``: save and exit 0 before it
+    ends (a margin of the slowest step plus the last save's duration is kept)."""
+    on_nonfinite: Literal["skip", "halt"] = "halt"
+    """A non-finite loss or gradient on any process: ``skip`` drops the step (parameters unchanged; logged)
+    and stops after ``max_skipped_steps`` consecutive skips; ``halt`` stops at once, naming the last good checkpoint."""
+    max_skipped_steps: int = 5
+    """With ``on_nonfinite: skip``: stop after this many consecutive skipped steps."""
+    spike_factor: float = 3.0
+    """Log a loss spike when a step's loss exceeds this factor times the recent mean (0 = off), with the
+    global sample indices of its batch."""
+    debug: bool = False
+    """Debug mode on one process: small batch, anomaly detection, synchronous CUDA errors,
+    deterministic algorithms, no compile, and a first-batch overfit check (same code path as a real run)."""
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: Optional[int] = None
+    """DeepSpeed ZeRO stage 0-3 (0 = DeepSpeed data parallel). None: whatever the launcher says
+    (``accelerate launch`` with a DeepSpeed config), else plain DDP."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO: keep optimizer state (and its step) in CPU memory."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """ZeRO-3: keep parameters in CPU memory."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON merged under distllm's values; a batch size, accumulation, clipping or precision
+    in it that disagrees with this config is an error."""
+    bucket_elements: Optional[int] = None
+    """ZeRO communication bucket size in elements (None = sized from the model, at most DeepSpeed's 5e8)."""
+    timeout_s: float = 600.0
+    """Process-group timeout: a collective that waits longer (a dead or hung peer) fails the run."""
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Save every this many steps (0 = only the final checkpoint)."""
+    """Save every this many steps (0 = off; see every_minutes)."""
+    every_minutes: float = 15.0
+    """Also save when this many minutes passed since the last save (0 = off)."""
     keep_last: int = 2
-    """Keep this many most recent step checkpoints."""
-    resume_from: Optional[str] = None
-    """Checkpoint directory to continue from (``latest`` = newest complete one in the run dir)."""
+    """Keep this many most recent committed checkpoints (older ones are deleted after a new commit)."""
+    resume_from: Optional[str] = "latest"
+    """``latest``: continue from the newest committed checkpoint of run.dir if there is one (auto-resume);
+    a checkpoint directory: continue from it; null: always start fresh (refused if run.dir has checkpoints)."""
+    verify: bool = True
+    """Check the sha256 of every checkpoint file this process reads against the commit manifest."""
 
 
 @dataclass
@@ -218,6 +270,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -359,6 +412,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "data.seq_len": cfg.data.seq_len,
         **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
         "data.shard_tokens": cfg.data.shard_tokens,
+        "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes,
         "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
         "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
         "model.vocab_size": cfg.model.vocab_size,
@@ -377,6 +431,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.eval_batches": cfg.train.eval_batches,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "train.max_skipped_steps": cfg.train.max_skipped_steps,
+        "distributed.timeout_s": cfg.distributed.timeout_s,
         "logging.log_every": cfg.logging.log_every,
     }
     optional_positive = {
@@ -385,6 +441,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "data.max_documents": cfg.data.max_documents,
         "data.num_proc": cfg.data.num_proc,
         "logging.peak_flops": cfg.logging.peak_flops,
+        "train.exit_at_step": cfg.train.exit_at_step,
+        "distributed.bucket_elements": cfg.distributed.bucket_elements,
     }
     non_negative = {
         "data.prefetch": cfg.data.prefetch,
@@ -395,7 +453,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
         "train.eval_every": cfg.train.eval_every,
+        "train.spike_factor": cfg.train.spike_factor,
         "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -436,6 +496,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"model.vocab_size ({m.vocab_size}) is smaller than tokenizer.vocab_size ({cfg.tokenizer.vocab_size})"
         )
 
+    d = cfg.distributed
+    if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3 (or null), got {d.zero_stage}")
+    if d.offload_params != "none" and d.zero_stage not in (None, 3):
+        raise ConfigError(f"distributed.offload_params needs ZeRO stage 3, but distributed.zero_stage is {d.zero_stage}")
+    if cfg.train.time_limit is not None:
+        parse_duration(cfg.train.time_limit, "train.time_limit")
+    check_resume_spec(cfg.checkpoint.resume_from)
+
     t = cfg.train
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
@@ -446,6 +515,34 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.optim.warmup_steps >= t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be smaller than train.max_steps ({t.max_steps})"
+        )
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """``"3:50:00"`` / ``"1-12:00:00"`` (Slurm style), ``"90m"``, ``"4h"``, ``"30s"`` or plain seconds -> seconds."""
+    t = str(text).strip()
+    try:
+        if t[-1:] in "smhd" and t[-1:]:
+            return float(t[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[t[-1]]
+        days, _, clock = t.rpartition("-")
+        parts = [float(x) for x in clock.split(":")]
+        if not 1 <= len(parts) <= 3 or any(x < 0 for x in parts):
+            raise ValueError
+        seconds = 0.0
+        for x in parts:  # SS, MM:SS or HH:MM:SS as Slurm reads them
+            seconds = seconds * 60 + x
+        return seconds + (float(days) * 86400 if days else 0.0)
+    except (ValueError, IndexError):
+        raise ConfigError(
+            f"{name} must be a duration like '3:50:00', '90m', '4h' or '30s', got {text!r}"
+        ) from None
+
+
+def check_resume_spec(spec: str | None) -> None:
+    """``checkpoint.resume_from`` may not climb out of a directory with ``..`` (use an absolute path)."""
+    if spec is not None and ".." in Path(spec).parts:
+        raise ConfigError(
+            f"checkpoint.resume_from {spec!r} contains '..'; give the checkpoint's absolute path instead"
         )
 
 

@@ -17,19 +17,27 @@ from tqdm.auto import tqdm
 
 
 class MetricsLogger:
+    """Writes on the main process only. With ``resume_step`` (a resumed run) the records after that step,
+    written by the interrupted run after its last checkpoint, are dropped from metrics.jsonl and
+    TensorBoard, so neither shows a step twice or a line running backwards."""
+
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 start_step: int = 0, append: bool = False):
+                 start_step: int = 0, resume_step: int | None = None):
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
         self.bar = None
         if not enabled:
             return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w")
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            truncate_after(path, resume_step)
+        self.jsonl = open(path, "a" if resume_step is not None else "w")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -69,10 +77,24 @@ class MetricsLogger:
 def format_record(r: dict) -> str:
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    if r.get("skipped"):
+        return f"step {r['step']:>6} | SKIPPED: non-finite loss {r['loss']:.4g} / grad_norm {r['grad_norm']:.4g}"
+    if "loss_spike" in r:
+        return (f"step {r['step']:>6} | loss spike {r['loss_spike']:.4f} ({r['loss_spike'] / r['recent_mean']:.1f}x "
+                f"the recent mean) in samples {r['samples'][:8]}{' ...' if len(r['samples']) > 8 else ''}")
     return (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
         f" | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}%"
     )
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (atomically)."""
+    keep = [line for line in Path(path).read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def perplexity(loss: float) -> float:

@@ -18,7 +18,7 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     if not path.is_file():
         raise DataError(f"no metrics.jsonl in {run_dir}; is it a run directory of `distllm train`?")
     records = read_metrics(path)
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if "loss" in r and "lr" in r]  # not skipped-step records
     val = [r for r in records if "val_loss" in r]
     if not train and not val:
         raise DataError(f"{path} has no training or validation records yet")

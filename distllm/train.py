@@ -1,31 +1,38 @@
-"""The training loop. Reads top to bottom: set up, build, (resume), loop, save.
+"""The training loop. Reads top to bottom: set up, decide on resume, build, loop, save.
 
 One optimizer step consumes ``train.global_batch_size`` sequences: every process runs
-``accum = global / (micro x processes)`` micro-batches of ``train.micro_batch_size`` and the
-gradients are averaged once, on the last micro-batch.
+``accum = global / (micro x processes)`` micro-batches of ``train.micro_batch_size``, and the
+engine (one process, DDP or DeepSpeed ZeRO; see ``distributed.py``) syncs the gradients once, on
+the last micro-batch. Every decision that ends or pauses the loop (a signal, the time limit, a
+periodic save, a non-finite gradient) is agreed by all ranks at a step boundary, so they always
+save at the same step and never wait for each other forever.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distllm import checkpoint, distributed
-from distllm.config import Config, check_vocab, save_config
-from distllm.data.loader import BatchLoader, TokenShards
-from distllm.errors import UserError
-from distllm.evaluate import val_batches, validation_loss
+from distllm import checkpoint, distributed, faults
+from distllm.config import Config, check_vocab, parse_duration, save_config
+from distllm.data.loader import TokenShards, build_train_loader
+from distllm.data.shards import TOKENIZER_FILE
+from distllm.errors import CheckpointError, ConfigError, UserError
+from distllm.evaluate import ValidationSet, validation_loss
 from distllm.loss import next_token_loss
 from distllm.metrics import MetricsLogger, perplexity
 from distllm.model import count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
+from distllm.preemption import StopRequest
 
 
 class NonFiniteLossError(UserError):
@@ -37,44 +44,45 @@ class TrainResult:
     step: int
     loss: float
     val_loss: float
-    checkpoint: Path
+    checkpoint: Path | None
     is_main: bool = True
+    stopped: str = ""  # why the run ended before max_steps ("" = it reached max_steps)
+    exit_code: int = 0
 
 
 def train(cfg: Config) -> TrainResult:
-    # ---- runtime, config, run directory
-    rt = distributed.setup(cfg.train)
-    cfg.validate(world_size=rt.world_size)
+    # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
+    stop = StopRequest()  # from here on, SIGTERM / SIGUSR1 / SIGINT only set a flag
+    rt = distributed.setup(cfg)
     run_dir = Path(cfg.run.dir)
-    resume_path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
-    if resume_path is None and checkpoint.latest(run_dir) is not None:
-        raise UserError(
-            f"run directory {run_dir} already has checkpoints; continue it with "
-            f"--checkpoint.resume_from=latest or start a new run with --run.dir=OTHER_DIR"
-        )
-    seed_everything(cfg.train.seed + rt.rank)
+    resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))
+    deadline = time.monotonic() + parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
 
-    # ---- data
-    train_data = TokenShards(cfg.data.dir, "train")
-    val_data = TokenShards(cfg.data.dir, "val")
-    check_vocab(cfg, train_data.vocab_size)
+    # ---- data: one global sample order, this rank's slice of every global batch
     T, B = cfg.data.seq_len, cfg.train.micro_batch_size
-    accum = cfg.train.global_batch_size // (B * rt.world_size)
-    loader = BatchLoader(train_data, T, B, seed=cfg.train.seed, shuffle=True, rank=rt.rank, world_size=rt.world_size)
-    n_val = val_batches(val_data, T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
+    loader = build_train_loader(cfg.data, micro_batch_size=B, global_batch_size=cfg.train.global_batch_size,
+                                seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size,
+                                vocab_limit=cfg.model.vocab_size)
+    check_vocab(cfg, loader.vocab_size)
+    val = ValidationSet(TokenShards(cfg.data.dir, "val"), T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
 
-    # ---- model and optimizer (single-device code; distribution is applied by rt.parallelize)
-    model = cfg.model.build().to(rt.device)
+    # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
+    torch.manual_seed(cfg.train.seed)
+    with rt.init_context():  # ZeRO-3: parameters are partitioned as they are created
+        model = cfg.model.build()
+    if rt.zero_stage != 3:
+        model = model.to(rt.device)
+    seed_everything(cfg.train.seed + rt.rank)  # rank-dependent streams only from here on
     optimizer = build_optimizer(model, cfg.optim, rt.device.type)
-    step = 0
+    model, optimizer = rt.parallelize(model, optimizer, cfg.train)
+    step, skipped_total = 0, 0
     if resume_path is not None:
-        state = checkpoint.load(resume_path, model, optimizer, restore_rng=True)
+        state = checkpoint.load(rt, resume_path, model, optimizer, verify=cfg.checkpoint.verify)
         apply_config(optimizer, cfg.optim)  # the config's betas / eps / weight decay, not the saved ones
-        if state["tokenizer_fingerprint"] != train_data.fingerprint:
+        if state["tokenizer_fingerprint"] != loader.fingerprint:
             raise UserError(f"checkpoint {resume_path} was trained with a different tokenizer than {cfg.data.dir}")
         loader.load_state_dict(state["data"])
-        step = state["step"]
-    model, optimizer = rt.parallelize(model, optimizer, cfg.train)
+        step, skipped_total = state["step"], state.get("skipped_steps", 0)
 
     # ---- bookkeeping
     if rt.is_main:
@@ -82,85 +90,197 @@ def train(cfg: Config) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLogger(run_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.max_steps, start_step=step,
-                        append=resume_path is not None)
+                        resume_step=step if resume_path is not None else None)
     tokens_per_step = cfg.train.global_batch_size * T
     flops_tok = flops_per_token(cfg.model, T)
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)
     log.print(
-        f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type} "
-        f"({rt.precision}) | global batch {cfg.train.global_batch_size} x {T} tokens = micro {B} x accum {accum} "
-        f"x {rt.world_size} | " + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
+        f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
+        f"{rt.engine_name} ({rt.precision}) | global batch {cfg.train.global_batch_size} x {T} tokens = micro {B} "
+        f"x accum {rt.accum} x {rt.world_size} | "
+        + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
     )
 
+    last_save = time.monotonic()
+    save_seconds = 0.0
+
     def save(at_step: int) -> Path:
-        state = {"data": loader.state_dict(), "tokenizer_fingerprint": train_data.fingerprint,
-                 "config": cfg.to_dict(), "tokens_seen": at_step * tokens_per_step}
-        if rt.is_main:  # data parallel: every rank holds the same weights and optimizer state
-            checkpoint.save(run_dir, at_step, rt.unwrap(model), optimizer, state, cfg.checkpoint.keep_last)
-            log.print(f"saved checkpoint {checkpoint.step_path(run_dir, at_step)}")
-        rt.barrier()
-        return checkpoint.step_path(run_dir, at_step)
+        nonlocal last_save, save_seconds
+        t0 = time.monotonic()
+        state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
+                 "config": cfg.to_dict(), "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
+        path = checkpoint.save(rt, run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last,
+                               tokenizer_file=Path(cfg.data.dir) / TOKENIZER_FILE)
+        last_save, save_seconds = time.monotonic(), time.monotonic() - t0
+        log.print(f"saved checkpoint {path} ({save_seconds:.1f} s)")
+        return path
 
     def evaluate(at_step: int) -> float:
-        val = validation_loss(model, val_data, T, B, n_val, rt.device, rt.rank, rt.world_size)
-        val = rt.mean(val).item()
-        log.log({"step": at_step, "val_loss": val, "val_ppl": perplexity(val)})
-        return val
+        loss = validation_loss(model, val, rt.device, rt)
+        log.log({"step": at_step, "val_loss": loss, "val_ppl": perplexity(loss)})
+        return loss
 
     # ---- the loop
     model.train()
     if step == 0 and cfg.train.eval_every:
         evaluate(0)  # the untrained model's validation loss, as a baseline in metrics.jsonl
-    loss_sum, loss_count = torch.zeros((), device=rt.device), 0
-    loss_value, val_loss, ckpt_path = float("nan"), float("nan"), None
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor, np.ndarray]] = []  # logged lazily
+    recent = deque(maxlen=50)  # recent step losses, for spike detection
+    loss_value, val_loss, ckpt_path, stopped, exit_code = float("nan"), float("nan"), None, "", 0
+    skipped_in_a_row, slowest_step = 0, 0.0
     timer, timed_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes evaluation and saving
     while step < cfg.train.max_steps:
+        t_step = time.monotonic()
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=rt.device)
-        for micro in range(accum):
+        indices = []
+        for _ in range(rt.accum):
             window = next(loader).to(rt.device, non_blocking=True)
-            with rt.no_sync(model, sync=micro == accum - 1):
+            indices.append(loader.last_indices)
+            with rt.accumulate(model):
                 loss = next_token_loss(model, window)
-                rt.backward(loss / accum)
-            step_loss += loss.detach() / accum
-        grad_norm = rt.clip_grad_norm(model, cfg.optim.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"non-finite gradient norm at step {step + 1} (loss {rt.mean(step_loss).item():.4g}); the optimizer "
-                f"step was skipped and nothing was saved. Last complete checkpoint: {checkpoint.latest(run_dir)}. "
-                f"Lower optim.lr or raise optim.warmup_steps"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                if faults.trigger("loss", rank=rt.rank, step=step + 1):
+                    loss = loss * float("inf")
+                rt.backward(loss)
+            step_loss += loss.detach() / rt.accum
+        grad_norm, applied = rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
         step += 1
         timed_steps += 1
-        loss_sum += step_loss
-        loss_count += 1
         log.advance()
+        if not applied:  # a non-finite gradient on some rank: every rank skipped this step
+            skipped_total += 1
+            skipped_in_a_row += 1
+            log.log({"step": step, "skipped": True, "loss": rt.mean(step_loss).item(), "grad_norm": float(grad_norm)})
+            if cfg.train.on_nonfinite == "halt" or skipped_in_a_row > cfg.train.max_skipped_steps:
+                why = ("train.on_nonfinite is 'halt'" if cfg.train.on_nonfinite == "halt"
+                       else f"{skipped_in_a_row} consecutive steps were skipped")
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {step}; the optimizer step was skipped and {why}. "
+                    f"Last good checkpoint: {checkpoint.latest(run_dir)}. Lower optim.lr or raise optim.warmup_steps"
+                )
+        else:
+            skipped_in_a_row = 0
+            pending.append((step, lr, step_loss, grad_norm, np.concatenate(indices)))
+        faults.trigger("step", rank=rt.rank, step=step)
+        slowest_step = max(slowest_step, time.monotonic() - t_step)
 
-        if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
-            loss_value = rt.mean(loss_sum / loss_count).item()
+        if pending and (step % cfg.logging.log_every == 0 or step == cfg.train.max_steps):
+            losses = rt.mean(torch.stack([p[2] for p in pending])).tolist()  # the logging sync, not every step
+            for (s, _, _, _, ids), value in zip(pending, losses):
+                check_spike(rt, log, recent, cfg.train.spike_factor, s, value, ids)
+            loss_value = sum(losses) / len(losses)
             tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - paused)
-            log.log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            s, lr_last, _, norm, _ = pending[-1]
+            log.log({"step": s, "loss": loss_value, "lr": lr_last, "grad_norm": float(norm),
                      "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_tok, peak * rt.world_size),
-                     "tokens": step * tokens_per_step})
-            loss_sum.zero_()
-            loss_count = 0
+                     "tokens": s * tokens_per_step})
+            pending.clear()
             timer, timed_steps, paused = time.perf_counter(), 0, 0.0
+
+        # ---- step boundary: every rank agrees on what happens next
+        now = time.monotonic()
+        time_up = deadline is not None and now + 2 * slowest_step + save_seconds + 5 >= deadline
+        periodic = cfg.checkpoint.every_minutes > 0 and now - last_save >= 60 * cfg.checkpoint.every_minutes
+        sigint, signalled, time_up, periodic = rt.any(stop.signum == signal.SIGINT, stop.requested, time_up and rt.is_main,
+                                                      periodic and rt.is_main)
+        last = step == cfg.train.max_steps
+        exit_now = step == cfg.train.exit_at_step
         pause_start = time.perf_counter()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
             val_loss = evaluate(step)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps:
+        if (last or signalled or time_up or exit_now or periodic
+                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
             ckpt_path = save(step)
         paused += time.perf_counter() - pause_start
+        if signalled or time_up or exit_now:
+            stopped = ("interrupted (SIGINT)" if sigint else "a stop signal" if signalled
+                       else "train.time_limit" if time_up else "train.exit_at_step")
+            exit_code = 130 if sigint else 0
+            log.print(f"stopping at step {step} for {stopped}: saved {ckpt_path}; run the same command to resume")
+            break
 
-    if ckpt_path is None:  # resumed at (or past) max_steps: nothing to train
+    if ckpt_path is None and step >= cfg.train.max_steps:  # resumed at (or past) max_steps: nothing to train
         ckpt_path = resume_path
         log.print(f"already at step {step} >= train.max_steps; nothing to train")
     rt.barrier()
     log.close()
-    return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main)
+    loader.close()
+    stop.restore()
+    return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main,
+                       stopped=stopped, exit_code=exit_code)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+SHAPE_KEYS = ("model", "data.seq_len")
+
+
+def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """Rank 0: which committed checkpoint to continue from (None = a fresh run); clean up crashed saves."""
+    checkpoint.remove_leftovers(run_dir)
+    path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
+    if path is None:
+        if checkpoint.latest(run_dir) is not None:
+            raise UserError(
+                f"run directory {run_dir} already has checkpoints and checkpoint.resume_from is null; continue it "
+                f"with --checkpoint.resume_from=latest or start a new run with --run.dir=OTHER_DIR"
+            )
+        if (run_dir / "metrics.jsonl").exists():
+            raise UserError(
+                f"run directory {run_dir} holds metrics.jsonl of an earlier run but no committed checkpoint to "
+                "continue from; use a new --run.dir (or delete the old directory)"
+            )
+        return None
+    saved = checkpoint.read_state(path).get("config", {})
+    differ = config_differences(saved, cfg.to_dict(), SHAPE_KEYS)
+    if differ:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a different model or data shape: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in differ[:6])
+            + "; use the same settings or a new --run.dir"
+        )
+    return path
+
+
+def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every differing key under ``keys``."""
+    out = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        a, b = saved.get(section, {}), current.get(section, {})
+        if name:
+            a, b = {name: a.get(name)}, {name: b.get(name)}
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out.append((f"{section}.{k}", a.get(k), b.get(k)))
+    return out
+
+
+def on_main(rt, fn):
+    """Run ``fn`` on rank 0 only and hand its result (or its user error) to every rank."""
+    result, error = None, None
+    if rt.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = (type(e).__name__, str(e))
+    result, error = rt.broadcast_object((result, error))
+    if error is not None:
+        kind = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(error[0], UserError)
+        raise kind(error[1])
+    return result
+
+
+def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, ids: np.ndarray) -> None:
+    """Log a loss spike with the global sample indices of its batch (gathered from every rank)."""
+    if factor and len(recent) >= 10 and math.isfinite(loss):
+        mean = sum(recent) / len(recent)
+        if loss > factor * mean:  # the same decision on every rank: the losses are all-reduced
+            samples = sorted(int(i) for part in rt.gather_object(ids.tolist()) for i in part)
+            log.log({"step": step, "loss_spike": loss, "recent_mean": mean, "samples": samples})
+    recent.append(loss)
 
 
 def seed_everything(seed: int) -> None:

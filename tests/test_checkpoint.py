@@ -1,7 +1,14 @@
+"""Checkpoint format, commit protocol and safe loading, in one process (multi-process faults are in
+tests/test_fault_tolerance.py)."""
+
+import json
+import pickle
+
 import pytest
 import torch
 
 from distllm import checkpoint
+from distllm.distributed import local_runtime
 from distllm.errors import CheckpointError
 
 
@@ -15,74 +22,147 @@ class Tiny(torch.nn.Module):
             self.head.weight = self.emb.weight
 
 
-def _save(run_dir, step, model=None, keep_last=3):
+def _trained(model=None, steps=2):
     model = model or Tiny()
-    opt = torch.optim.AdamW(model.parameters())
-    model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
-    opt.step()
-    return checkpoint.save(run_dir, step, model, opt, {"data": {"epoch": 0, "sample_index": step}}, keep_last)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    for _ in range(steps):
+        model.head(model.norm(model.emb(torch.tensor([1, 2])))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
 
 
-def test_save_is_complete_and_loads_back(tmp_path):
+def _save(run_dir, step, model=None, keep_last=3):
+    model, opt = _trained(model)
+    return checkpoint.save(local_runtime(), run_dir, step, model, opt,
+                           {"data": {"epoch": 0, "sample_index": step}}, keep_last)
+
+
+def test_save_commits_and_loads_back_exactly(tmp_path):
     torch.manual_seed(0)
-    model = Tiny()
-    path = _save(tmp_path, 5, model)
+    model, opt = _trained()
+    path = checkpoint.save(local_runtime(), tmp_path, 5, model, opt, {"data": {"sample_index": 5}}, keep_last=2)
     assert path.name == "step_000005"
-    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["COMPLETE", "model.safetensors", "optimizer.safetensors", "rng-rank00000.json", "state.json"]
+    manifest = json.loads((path / "COMPLETE").read_text())  # the marker is a manifest of sizes and checksums
+    assert set(manifest["files"]) == set(names) - {"COMPLETE"}
+    assert all(m["size"] == (path / n).stat().st_size for n, m in manifest["files"].items())
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
     fresh = Tiny()
-    opt = torch.optim.AdamW(fresh.parameters())
-    state = checkpoint.load(path, fresh, opt)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), fused=True)
+    state = checkpoint.load(local_runtime(), path, fresh, fresh_opt)
     assert state["step"] == 5 and state["data"]["sample_index"] == 5
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
-        assert torch.equal(a, b)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
     assert fresh.head.weight.data_ptr() == fresh.emb.weight.data_ptr()  # still tied after loading
-    assert opt.state_dict()["state"][0]["step"] == 1
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        a, b = opt.state[p], fresh_opt.state[q]
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert float(a["step"]) == float(b["step"]) == 2
+    # one more identical step on both gives identical weights (bias correction uses the restored step)
+    _trained(model, 1), _trained(fresh, 1)
 
 
-def test_latest_ignores_incomplete_and_keep_last_prunes(tmp_path):
+def test_latest_ignores_uncommitted_and_keep_last_prunes_marker_first(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, keep_last=2)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
-    # a crash mid-save leaves a directory without the marker: it must never be picked
-    half = checkpoint.checkpoint_dir(tmp_path) / "step_000009"
-    half.mkdir()
-    (half / "model.safetensors").write_bytes(b"garbage")
+    root = checkpoint.checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
+    # a crash between the rename and the marker leaves a directory without COMPLETE: never picked
+    torn = root / "step_000009"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"garbage")
+    (root / ".tmp-step_000010").mkdir()
     assert checkpoint.latest(tmp_path).name == "step_000004"
     assert checkpoint.resolve("latest", tmp_path).name == "step_000004"
-    with pytest.raises(CheckpointError, match="incomplete"):
-        checkpoint.resolve(str(half), tmp_path)
+    with pytest.raises(CheckpointError, match="not committed"):
+        checkpoint.resolve(str(torn), tmp_path)
+    removed = checkpoint.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == [".tmp-step_000010", "step_000009"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
 
 
-def test_resolve(tmp_path):
+def test_resolve_and_locate(tmp_path):
     assert checkpoint.resolve(None, tmp_path) is None
     assert checkpoint.resolve("latest", tmp_path) is None  # nothing yet: start from scratch
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         checkpoint.resolve(str(tmp_path / "missing"), tmp_path)
+    path = _save(tmp_path, 7)
+    assert checkpoint.resolve("step_000007", tmp_path) == path
+    assert checkpoint.locate(tmp_path) == path and checkpoint.locate(path) == path
+    with pytest.raises(CheckpointError, match=r"'\.\.'"):
+        checkpoint.resolve("../other/checkpoints/step_000007", tmp_path)
+    with pytest.raises(CheckpointError, match=r"'\.\.'"):
+        checkpoint.locate(str(tmp_path / ".." / tmp_path.name))
 
 
-def test_resave_same_step_replaces_atomically(tmp_path):
-    _save(tmp_path, 3)
+def test_a_committed_step_is_never_replaced(tmp_path):
     path = _save(tmp_path, 3)
-    assert (path / "COMPLETE").is_file()
-    assert [p.name for p in path.parent.iterdir()] == ["step_000003"]
+    before = (path / "model.safetensors").read_bytes()
+    assert _save(tmp_path, 3, Tiny(width=8)) == path
+    assert (path / "model.safetensors").read_bytes() == before
 
 
 def test_mismatched_model_is_a_clear_error(tmp_path):
     path = _save(tmp_path, 1, Tiny(width=8))
-    with pytest.raises(CheckpointError, match="cannot load weights") as e:
-        checkpoint.load(path, Tiny(width=12))
-    message = str(e.value)
-    assert "\n" not in message  # one line, not torch's multi-line load_state_dict report
-    assert "size mismatch for" in message and "more)" in message and "model section" in message
+    model = Tiny(width=12)
+    with pytest.raises(CheckpointError, match="size mismatch for emb.weight") as e:
+        checkpoint.load(local_runtime(), path, model, torch.optim.AdamW(model.parameters()))
+    assert "\n" not in str(e.value) and "model section" in str(e.value)
 
 
-def test_corrupt_weights_are_a_clear_error(tmp_path):
+def test_corrupt_or_changed_files_are_refused(tmp_path):
     path = _save(tmp_path, 1)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit, same size
+    (path / "model.safetensors").write_bytes(bytes(data))
+    model = Tiny()
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its sha256"):
+        checkpoint.load(local_runtime(), path, model, torch.optim.AdamW(model.parameters()))
     (path / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
-        checkpoint.load(path, Tiny())
+    with pytest.raises(CheckpointError, match="model.safetensors has 10 bytes"):
+        checkpoint.load(local_runtime(), path, model, torch.optim.AdamW(model.parameters()))
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_malicious_pickle_is_never_unpickled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _save(tmp_path / "run", 1)
+    evil = pickle.dumps(Payload())
+    (path / "optimizer.safetensors").write_bytes(evil)  # and a manifest that vouches for it
+    manifest = json.loads((path / "COMPLETE").read_text())
+    manifest["files"]["optimizer.safetensors"] = {"size": len(evil), "sha256": checkpoint.sha256_file(
+        path / "optimizer.safetensors")}
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+    model = Tiny()
+    with pytest.raises(CheckpointError, match="cannot read .*optimizer.safetensors"):
+        checkpoint.load(local_runtime(), path, model, torch.optim.AdamW(model.parameters()))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_manifest_names_cannot_escape_the_checkpoint(tmp_path):
+    path = _save(tmp_path, 1)
+    manifest = json.loads((path / "COMPLETE").read_text())
+    manifest["files"]["../../secret"] = {"size": 1, "sha256": "0"}
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        checkpoint.read_marker(path)
+    assert checkpoint.latest(tmp_path) is None
+
+
+def test_old_format_is_refused_with_its_version(tmp_path):
+    path = checkpoint.step_path(tmp_path, 1)
+    path.mkdir(parents=True)
+    (path / "COMPLETE").write_text("ok\n")
+    with pytest.raises(CheckpointError, match="format version"):
+        checkpoint.read_marker(path)
 
 
 @pytest.fixture

@@ -108,18 +108,6 @@ def test_resume_is_bit_exact(tiny_config, tmp_path):
         json.loads((straight.checkpoint / "state.json").read_text())["data"]
 
 
-def test_resume_takes_the_new_optimizer_config(tiny_config):
-    cfg = tiny_config
-    cfg.train.max_steps, cfg.train.eval_every, cfg.optim.weight_decay = 4, 0, 0.1
-    train(cfg)
-    cfg.train.max_steps, cfg.checkpoint.resume_from = 6, "latest"
-    cfg.optim.weight_decay, cfg.optim.beta2 = 0.0, 0.99
-    result = train(cfg)
-    groups = torch.load(result.checkpoint / "optimizer.pt", weights_only=True)["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
-    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
-
-
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     cfg = tiny_config
     cfg.train.max_steps = 3
@@ -143,6 +131,7 @@ def test_existing_run_is_not_overwritten(tiny_config):
     cfg.train.eval_every = 0
     first = train(cfg)
     before = (first.checkpoint / "model.safetensors").read_bytes()
+    cfg.checkpoint.resume_from = None  # explicitly a fresh run
     with pytest.raises(UserError, match="already has checkpoints"):
         train(cfg)
     assert (first.checkpoint / "model.safetensors").read_bytes() == before
@@ -163,6 +152,6 @@ def test_divergence_stops_before_a_bad_step(tiny_config):
     cfg.train.eval_every = 0
     cfg.optim.warmup_steps = 0
     cfg.optim.lr = 1e30  # weights blow up after the first step, the next gradients are not finite
-    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm at step"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step"):
         train(cfg)
     assert checkpoint.latest(cfg.run.dir) is None  # nothing poisoned was saved
