@@ -33,6 +33,7 @@ import copy
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,6 +366,51 @@ class _Failure:
     error: BaseException
 
 
+class _RankBatches:
+    """This rank's micro-batches from ``order`` onward. Holds no reference to the loader, so a
+    background thread running it does not keep a dropped loader alive."""
+
+    def __init__(self, order: GlobalOrder, rank: int, world_size: int, micro_batch_size: int, accum: int,
+                 eot_id: Optional[int]):
+        self.order, self.rank, self.world_size, self.B, self.accum = order, rank, world_size, micro_batch_size, accum
+        self.eot_id = eot_id  # None: no document ids
+
+    def __iter__(self) -> Iterator[_Item]:
+        B, w, r, order = self.B, self.world_size, self.rank, self.order
+        lookahead = order.clone()
+        self._warm(lookahead.next_batch())
+        while True:
+            ids = order.next_batch()  # (G,) this step's global batch
+            self._warm(lookahead.next_batch())  # verify the next step's shards meanwhile
+            state = order.state_dict()
+            for m in range(self.accum):
+                mine = ids[m * w * B + r * B : m * w * B + r * B + B]  # (B,)
+                window = torch.from_numpy(self._read(mine))  # (B, T + 1)
+                docs = None if self.eot_id is None else document_ids(window[:, :-1], self.eot_id)  # (B, T)
+                yield _Item(window, mine, docs, state if m == self.accum - 1 else None)
+
+    def _warm(self, ids: np.ndarray) -> None:
+        """Start verifying the shards this rank reads in global batch ``ids``."""
+        mine = ids.reshape(self.accum, self.world_size, self.B)[:, self.rank].reshape(-1)
+        src, local = self.order.split(mine)
+        for k, samples in enumerate(self.order.samples):
+            if (src == k).any():
+                samples.warm(local[src == k])
+
+    def _read(self, ids: np.ndarray) -> np.ndarray:
+        """Windows of global sample ids: (len(ids), seq_len + 1) int64."""
+        samples = self.order.samples
+        out = np.empty((len(ids), samples[0].seq_len + 1), dtype=np.int64)
+        src, local = self.order.split(ids)
+        if len(samples) == 1:
+            return samples[0].read(local, out)
+        for k, source in enumerate(samples):
+            rows = np.flatnonzero(src == k)
+            if rows.size:
+                out[rows] = source.read(local[rows])
+        return out
+
+
 class TrainLoader:
     """Endless iterator of this rank's micro-batches, int64 tensors (B, seq_len + 1); see the module doc."""
 
@@ -442,45 +488,11 @@ class TrainLoader:
         return self._order.sizes[0] // self.global_batch_size
 
     # ---- producing
-    def _produce(self, order: GlobalOrder) -> Iterator[_Item]:
-        """Micro-batches of this rank from ``order`` onward (runs in the background thread with prefetch)."""
-        B, w, r = self.micro_batch_size, self.world_size, self.rank
-        lookahead = order.clone()
-        self._warm(order, lookahead.next_batch(), B, w, r)
-        while True:
-            ids = order.next_batch()  # (G,) this step's global batch
-            self._warm(order, lookahead.next_batch(), B, w, r)  # verify the next step's shards meanwhile
-            state = order.state_dict()
-            for m in range(self.accum):
-                mine = ids[m * w * B + r * B : m * w * B + r * B + B]  # (B,)
-                window = torch.from_numpy(self._read(order, mine))  # (B, T + 1)
-                docs = document_ids(window[:, :-1], self.eot_id) if self.document_mask else None
-                yield _Item(window, mine, docs, state if m == self.accum - 1 else None)
-
-    def _mine(self, ids: np.ndarray, B: int, w: int, r: int) -> np.ndarray:
-        return ids.reshape(self.accum, w, B)[:, r].reshape(-1)  # this rank's samples of a global batch
-
-    def _warm(self, order: GlobalOrder, ids: np.ndarray, B: int, w: int, r: int) -> None:
-        src, local = order.split(self._mine(ids, B, w, r))
-        for k, samples in enumerate(order.samples):
-            if (src == k).any():
-                samples.warm(local[src == k])
-
-    def _read(self, order: GlobalOrder, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)  # (B, T + 1)
-        src, local = order.split(ids)
-        if len(order.samples) == 1:
-            return order.samples[0].read(local, out)
-        for k, samples in enumerate(order.samples):
-            rows = np.flatnonzero(src == k)
-            if rows.size:
-                out[rows] = samples.read(local[rows])
-        return out
-
     def _start(self) -> None:
         order = self._order.clone()
         order.load_state_dict(self._state)
-        items = self._produce(order)
+        items = iter(_RankBatches(order, self.rank, self.world_size, self.micro_batch_size, self.accum,
+                                  self.eot_id if self.document_mask else None))
         if self.prefetch == 0:
             self._items = items
             return
@@ -490,6 +502,7 @@ class TrainLoader:
             target=self._run, args=(items, self._queue, self._stop), name="distllm-prefetch", daemon=True
         )
         self._thread.start()
+        weakref.finalize(self, self._stop.set)  # a loader dropped without close() stops its thread
 
     @staticmethod
     def _run(items: Iterator[_Item], out: queue.Queue, stop: threading.Event) -> None:

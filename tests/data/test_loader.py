@@ -1,7 +1,6 @@
 """The training loader: windows over shards, one global order for any number of processes, resumable state."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,32 +9,12 @@ import torch
 from distllm.config import DataConfig
 from distllm.data.loader import GlobalOrder, SampleIndex, TokenShards, TrainLoader, build_train_loader
 from distllm.data.order import Permutation, derive_key
-from distllm.data.shards import read_manifest, write_manifest, write_shard
+from distllm.data.shards import read_manifest
 from distllm.errors import ConfigError, DataError
-from distllm.tokenizer import fingerprint, load_tokenizer, save_tokenizer, train_tokenizer
+from distllm.tokenizer import save_tokenizer, train_tokenizer
+from synthetic import make_data_dir
 
 T = 8  # seq_len
-
-
-def make_data_dir(path, tokenizer_dir, splits, vocab_size=65536):
-    """A data dir whose shards hold the given token arrays (lists of shards per split)."""
-    path.mkdir()
-    shutil.copy(tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
-    fp = fingerprint(load_tokenizer(path / "tokenizer.json"))
-    manifest = {
-        "format_version": 1,
-        "source": "synthetic",
-        "created": "now",
-        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": vocab_size, "eot_id": 0},
-        "dtype": "uint16",
-        "splits": {},
-    }
-    for split, shards in splits.items():
-        entries = [write_shard(path / f"{split}_{i:06d}.bin", s.astype(np.uint16), fp) for i, s in enumerate(shards)]
-        total = sum(e["num_tokens"] for e in entries)
-        manifest["splits"][split] = {"num_tokens": total, "num_documents": 1, "shards": entries}
-    write_manifest(path, manifest)
-    return path
 
 
 @pytest.fixture
@@ -212,9 +191,3 @@ def test_missing_manifest(tmp_path):
         TokenShards(tmp_path, "train")
 
 
-def test_global_order_memory_does_not_grow_with_the_corpus():
-    """The order of 1e12 samples is computed on demand: a few integers, no stored permutation."""
-    perm = Permutation(10**12, key=5)
-    ids = perm[10**12 - 3 : 10**12]
-    assert ids.shape == (3,) and ids.max() < 10**12 and len(set(ids.tolist())) == 3
-    assert not any(isinstance(v, np.ndarray) and v.size > 64 for v in vars(perm).values())

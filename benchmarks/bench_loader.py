@@ -1,0 +1,305 @@
+"""Training-data loader: throughput, start-up and memory, each beside a baseline measured in the same run.
+
+    python benchmarks/bench_loader.py            # all four parts, about a minute on 2 cores
+    python benchmarks/bench_loader.py --quick    # smaller sizes (smoke run)
+
+1. Tokens/s reading local shards in one process: distllm's loader (global shuffled order,
+   resumable state, shards verified against the manifest; synchronous and with a prefetch thread)
+   against nanoGPT's ``get_batch`` (a fresh ``np.memmap`` per batch, random windows, no order and no
+   state) over the same shards. Timed blocks alternate between the readers; medians are reported.
+   With the page cache warm both read memory, so this measures the per-batch overhead.
+2. Start-up for a synthetic corpus of --many-shards shards, each in a fresh process: building the
+   loader and its first batch, with the peak resident memory, against the previous design (read
+   every shard header, memory-map every shard, and store the epoch's permutation).
+3. Memory of the global order at 1e9 samples: the computed permutation against a stored one
+   (``np.random.permutation``, measured at 1e7 samples and scaled linearly; 1e9 would need 8 GB).
+4. Document masking: tokens/s of a debug-model training step with the causal mask against a
+   block-diagonal (per-document) mask of the same windows. The model does not take document ids
+   yet; this part passes the loader's mask to its attention function from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distllm.config import DataConfig, ModelConfig
+from distllm.data.loader import build_train_loader
+from distllm.data.order import Permutation
+from distllm.data.packing import document_attention_mask, document_ids
+from distllm.data.shards import HEADER_SIZE, open_shard, verify, write_manifest, write_shard
+from distllm.tokenizer import fingerprint, save_tokenizer, train_tokenizer
+
+VOCAB = 32768
+EOT = 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=8, help="shards of the throughput corpus")
+    p.add_argument("--shard-tokens", type=int, default=4_000_000)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=100, help="batches per timed block")
+    p.add_argument("--rounds", type=int, default=7, help="timed blocks per reader")
+    p.add_argument("--many-shards", type=int, default=1000)
+    p.add_argument("--many-shard-tokens", type=int, default=100_000)
+    p.add_argument("--mask-steps", type=int, default=6)
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--startup", nargs=2, metavar=("DESIGN", "DIR"), help=argparse.SUPPRESS)  # child process
+    args = p.parse_args()
+    if args.quick:
+        args.shards, args.shard_tokens, args.batches, args.rounds = 2, 500_000, 20, 3
+        args.many_shards, args.many_shard_tokens, args.mask_steps = 50, 20_000, 2
+    return args
+
+
+def make_corpus(path: Path, shards: int, shard_tokens: int, seed: int = 0) -> Path:
+    """A prepared-looking data dir of random tokens (documents of ~600 tokens ended by EOT)."""
+    path.mkdir(parents=True)
+    tok = train_tokenizer(["a tiny tokenizer for the benchmark corpus"] * 4, vocab_size=300)
+    save_tokenizer(tok, path / "tokenizer.json")
+    fp = fingerprint(tok)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(shards):
+        tokens = rng.integers(1, VOCAB, shard_tokens, dtype=np.uint16)
+        tokens[rng.random(shard_tokens) < 1 / 600] = EOT
+        entries.append(write_shard(path / f"train_{i:06d}.bin", tokens, fp))
+    val = write_shard(path / "val_000000.bin", rng.integers(1, VOCAB, 10_000, dtype=np.uint16), fp)
+    total = sum(e["num_tokens"] for e in entries)
+    write_manifest(path, {
+        "format_version": 1, "source": "synthetic", "created": "now",
+        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": VOCAB, "eot_id": EOT},
+        "dtype": "uint16",
+        "splits": {"train": {"num_tokens": total, "num_documents": total // 600, "shards": entries},
+                   "val": {"num_tokens": 10_000, "num_documents": 1, "shards": [val]}},
+    })  # fmt: skip
+    return path
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+
+def nanogpt_get_batch(paths: list[Path], B: int, T: int, rng: np.random.Generator) -> torch.Tensor:
+    """nanoGPT's train.py get_batch over shards: a fresh memmap per batch (of a random shard), random windows."""
+    data = np.memmap(paths[rng.integers(len(paths))], dtype=np.uint16, mode="r", offset=HEADER_SIZE)
+    ix = torch.randint(len(data) - T, (B,))
+    x = torch.stack([torch.from_numpy(data[i : i + T].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + T].astype(np.int64)) for i in ix.tolist()])
+    return x, y
+
+
+def bench_throughput(args, root: Path) -> None:
+    data_dir = make_corpus(root / "throughput", args.shards, args.shard_tokens)
+    paths = sorted(data_dir.glob("train_*.bin"))
+    B, T = args.batch, args.seq
+    cfg = DataConfig(dir=str(data_dir), seq_len=T)
+
+    t0 = time.perf_counter()
+    verify_all = build_train_loader(cfg, micro_batch_size=B, global_batch_size=B, seed=0)
+    shards = verify_all.sources[0]
+    for k in range(shards.num_shards):
+        shards.shard(k)
+    verify_s = time.perf_counter() - t0
+    mb = sum(p.stat().st_size for p in paths) / 1e6
+    verify_all.close()
+    print(f"corpus: {args.shards} shards x {args.shard_tokens / 1e6:.1f}M tokens ({mb:.0f} MB); "
+          f"batch {B} x {T + 1} tokens")
+    print(f"  verifying every shard (sha256 + token ids, 2 threads): {verify_s:.2f} s = {mb / verify_s:.0f} MB/s")
+
+    readers = {
+        "distllm loader, synchronous": build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=0),
+                                                          micro_batch_size=B, global_batch_size=B, seed=0),
+        "distllm loader, prefetch 4": build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=4),
+                                                         micro_batch_size=B, global_batch_size=B, seed=0),
+    }
+    rng = np.random.default_rng(0)
+    fns = {name: (lambda r=r: next(r)) for name, r in readers.items()}
+    fns["nanoGPT get_batch (baseline)"] = lambda: nanogpt_get_batch(paths, B, T, rng)
+    for fn in fns.values():  # warm-up: verification, page cache, thread start
+        for _ in range(args.batches):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(args.rounds):
+        names = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in names:
+            t = time.perf_counter()
+            for _ in range(args.batches):
+                fns[name]()
+            times[name].append(time.perf_counter() - t)
+    for reader in readers.values():
+        reader.close()
+    tokens = args.batches * B * T
+    base = tokens / statistics.median(times["nanoGPT get_batch (baseline)"])
+    for name, ts in times.items():
+        tps = tokens / statistics.median(ts)
+        print(f"  {name:32s} {tps / 1e6:8.1f}M tokens/s   {tps / base:5.2f}x baseline")
+
+
+# --------------------------------------------------------------------------- 2. start-up with many shards
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (Linux ``/proc/self/statm``), in MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def startup_child(design: str, data_dir: str) -> None:
+    """In a fresh process: time to a first batch and the resident memory it added (printed as JSON)."""
+    before = resident_mb()
+    B, T = 16, 1024
+    t0 = time.perf_counter()
+    if design == "distllm":
+        loader = build_train_loader(DataConfig(dir=data_dir, seq_len=T, prefetch=0), micro_batch_size=B,
+                                    global_batch_size=B, seed=0)
+        built = time.perf_counter() - t0
+        next(loader)
+        loader.close()
+    else:  # previous design: all headers read (verify), every shard memory-mapped, the permutation stored
+        manifest = verify(data_dir)
+        maps = [open_shard(Path(data_dir) / e["file"]) for e in manifest["splits"]["train"]["shards"]]
+        n = (sum(len(m) for m in maps) - 1) // T
+        order = np.random.default_rng([0, 0]).permutation(n)
+        built = time.perf_counter() - t0
+        starts = np.cumsum([0] + [len(m) for m in maps])
+        for i in order[:B]:
+            k = int(np.searchsorted(starts, i * T, side="right")) - 1
+            maps[k][i * T - starts[k] : i * T - starts[k] + T + 1].astype(np.int64)
+    first = time.perf_counter() - t0
+    rss = resident_mb() - before
+    print(json.dumps({"built_s": built, "first_batch_s": first, "rss_mb": rss}))
+
+
+def bench_startup(args, root: Path) -> None:
+    data_dir = make_corpus(root / "many", args.many_shards, args.many_shard_tokens, seed=1)
+    mb = sum(p.stat().st_size for p in data_dir.glob("train_*.bin")) / 1e6
+    print(f"corpus: {args.many_shards} shards x {args.many_shard_tokens / 1e3:.0f}k tokens ({mb:.0f} MB), "
+          "batch 16 x 1025; each row a fresh process, page cache warm")
+    results = {}
+    for design in ("previous", "distllm"):
+        out = subprocess.run([sys.executable, __file__, "--startup", design, str(data_dir)], check=True,
+                             capture_output=True, text=True).stdout
+        results[design] = json.loads(out.strip().splitlines()[-1])
+    for design, label in (("previous", "previous loader (baseline)"), ("distllm", "distllm loader")):
+        r = results[design]
+        print(f"  {label:28s} built in {r['built_s'] * 1e3:7.1f} ms, first batch at {r['first_batch_s'] * 1e3:7.1f} ms, "
+              f"resident memory +{r['rss_mb']:.1f} MB")
+    print(f"  ratio (baseline / distllm): build {results['previous']['built_s'] / results['distllm']['built_s']:.1f}x, "
+          f"first batch {results['previous']['first_batch_s'] / results['distllm']['first_batch_s']:.2f}x "
+          "(distllm's first batch includes the sha256 of the shards it reads)")
+
+
+# --------------------------------------------------------------------------- 3. order memory
+
+
+def peak_bytes(fn) -> int:
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def bench_order_memory() -> None:
+    n, G = 10**9, 512
+    computed = peak_bytes(lambda: Permutation(n, key=1)[0:G])
+    t = time.perf_counter()
+    perm = Permutation(n, key=1)
+    for step in range(100):
+        perm[step * G : (step + 1) * G]
+    per_batch_us = (time.perf_counter() - t) / 100 * 1e6
+    small = 10**7
+    stored_small = peak_bytes(lambda: np.random.default_rng(0).permutation(small))
+    print(f"order of {n:.0e} samples, global batch {G}:")
+    print(f"  computed permutation: {computed / 1e3:.1f} KB peak while computing a global batch "
+          f"({per_batch_us:.0f} us per batch)")
+    print(f"  stored permutation (baseline): {stored_small / 1e6:.0f} MB measured at {small:.0e} samples -> "
+          f"{stored_small * n / small / 1e9:.1f} GB at {n:.0e} (per process); ratio {stored_small * n / small / computed:.0f}x")
+
+
+# --------------------------------------------------------------------------- 4. document masking
+
+
+def bench_document_mask(args, root: Path) -> None:
+    import distllm.model.transformer as transformer_module
+    from distllm.loss import next_token_loss
+    from distllm.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8192, n_layers=4, n_heads=4, n_kv_heads=2, d_model=192, max_seq_len=256)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, T = 16, 128  # configs/debug.yaml
+    data_dir = root / "throughput" if (root / "throughput").exists() else make_corpus(root / "mask", 1, 200_000)
+    loader = build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=0, document_mask=True),
+                                micro_batch_size=B, global_batch_size=B, seed=0)
+    window = next(loader) % cfg.vocab_size  # the debug model's vocabulary; EOT (0) stays EOT
+    masks = {"causal (baseline)": None, "per-document": document_attention_mask(loader.last_doc_ids)}
+    docs_per_window = float((loader.last_doc_ids[:, -1] + 1).float().mean())
+    loader.close()
+    original = transformer_module.attention
+
+    def run(mask) -> float:
+        def attention(q, k, v, attn_mask=None, is_causal=False):
+            if is_causal and mask is not None:
+                return original(q, k, v, attn_mask=mask)
+            return original(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+        transformer_module.attention = attention
+        try:
+            t = time.perf_counter()
+            for _ in range(args.mask_steps):
+                next_token_loss(model, window).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return args.mask_steps * B * T / (time.perf_counter() - t)
+        finally:
+            transformer_module.attention = original
+
+    run(None), run(masks["per-document"])  # warm-up
+    tps = {name: [] for name in masks}
+    for r in range(3):
+        for name in masks if r % 2 == 0 else reversed(masks):
+            tps[name].append(run(masks[name]))
+    base = statistics.median(tps["causal (baseline)"])
+    print(f"debug model (4 layers x 192, GQA 4/2), batch {B} x {T}, {docs_per_window:.1f} documents per window, CPU fp32:")
+    for name, values in tps.items():
+        print(f"  {name:20s} {statistics.median(values):8.0f} tokens/s   {statistics.median(values) / base:5.2f}x")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.startup:
+        startup_child(*args.startup)
+        return
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    root = Path(tempfile.mkdtemp(prefix="distllm-bench-loader-"))
+    try:
+        print("== 1. loader throughput (one process, local shards)")
+        bench_throughput(args, root)
+        print("== 2. start-up with many shards")
+        bench_startup(args, root)
+        print("== 3. memory of the global order")
+        bench_order_memory()
+        print("== 4. document masking")
+        bench_document_mask(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
