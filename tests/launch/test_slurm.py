@@ -1,17 +1,16 @@
 """launch/slurm/train.sbatch on a real single-node Slurm (see conftest.py): 2 training processes
-through torchrun, a checkpoint at the end, and SIGUSR1 reaching every rank followed by a requeue.
+through torchrun and a checkpoint at the end; SIGUSR1 reaching every rank through torchrun and the
+job requeuing itself; and the whole preemption path with the real trainer (save on both ranks at
+the same step, requeue, resume, finish).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
+import re
 import sys
 import textwrap
 import time
 from pathlib import Path
-
-import pytest
 
 from distllm.config import save_config
 
@@ -122,3 +121,42 @@ def test_usr1_reaches_every_rank_through_torchrun_and_the_job_requeues(slurm, tm
     job = slurm.wait(job_id, finished, timeout=120)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", logs(tmp_path)
     assert (probe / "args.1.0").read_text() == args and (probe / "args.1.1").exists()
+
+
+def test_usr1_saves_on_both_ranks_requeues_and_the_job_resumes_to_the_end(slurm, tiny_config, tmp_path):
+    """The preemption path with the real trainer: `scancel --signal=USR1` (what `--signal=USR1@N`
+    does before the time limit) -> both ranks stop at the same step and save -> the job requeues
+    itself -> the requeued run resumes from that checkpoint and finishes."""
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_config, config)
+    max_steps = 100
+    job_id = submit(slurm, tmp_path, str(config), "--train.micro_batch_size=2", f"--train.max_steps={max_steps}",
+                    "--train.eval_every=0", "--logging.log_every=2")
+    run_dir = Path(tiny_config.run.dir)
+
+    deadline = time.monotonic() + 120  # wait until it is training (a few steps logged), then signal
+    while not any('"loss"' in line for line in read_lines(run_dir / "metrics.jsonl")):
+        assert not finished(slurm.job(job_id)) and time.monotonic() < deadline, logs(tmp_path)
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=USR1", job_id)
+
+    slurm.wait(job_id, lambda j: j["Restarts"] == "1" or finished(j), timeout=60)
+    node_log = tmp_path / "logs" / f"distllm-{job_id}-node0.log"
+    stop = re.search(r"stopping at step (\d+) for a stop signal: saved (\S+);", node_log.read_text())
+    assert stop, logs(tmp_path)
+    step, saved = int(stop[1]), Path(stop[2])
+    assert 0 < step < max_steps and saved.name == f"step_{step:06d}"
+    assert (saved / "COMPLETE").is_file()
+    assert (saved / "rng-rank00000.json").is_file() and (saved / "rng-rank00001.json").is_file()  # both ranks saved
+    assert "requeueing job" in logs(tmp_path)
+
+    slurm.wait(job_id, lambda j: j["JobState"] == "PENDING", timeout=30)
+    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip Slurm's 120 s requeue hold
+    job = slurm.wait(job_id, finished, timeout=180)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", logs(tmp_path)
+    assert f"resumed from {saved} at step {step}" in node_log.read_text(), logs(tmp_path)
+    assert (run_dir / "checkpoints" / f"step_{max_steps:06d}" / "COMPLETE").is_file(), logs(tmp_path)
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
