@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(from RUN_DIR/metrics.jsonl) to a PNG.", allow_abbrev=False)
     p.add_argument("run_dir", help="run directory holding metrics.jsonl")
     p.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Llama model directory",
+                       description="Write a checkpoint as a Hugging Face Llama directory (safetensors weights, "
+                                   "config.json, tokenizer files) that transformers' AutoModelForCausalLM and "
+                                   "AutoTokenizer load with no custom code. TARGET is a run directory (its newest "
+                                   "committed checkpoint) or a checkpoint directory; the config saved there is used.",
+                       allow_abbrev=False)
+    p.add_argument("target", help="run directory or checkpoint directory")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the exported weights (default: %(default)s, as trained)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="split the weights into safetensors files of at most this size (default: %(default)s)")
     return parser
 
 
@@ -120,6 +133,13 @@ def _run(args, extra: list[str], parser) -> int:
         from distllm.plot import plot_run
 
         print(f"wrote {plot_run(args.run_dir, args.out)}")
+        return 0
+    if args.command == "export":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from distllm.export import export
+
+        print(f"wrote {export(args.target, args.out, args.dtype, args.max_shard_gb)}")
         return 0
 
     from distllm.config import load_config
