@@ -27,6 +27,8 @@ from ``storage_options`` passed to the filesystem, e.g.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -190,6 +192,7 @@ class RemoteStore:
         self._inflight: dict[str, Future] = {}  # name -> its running download
         self._known: dict[str, tuple[int, str]] = {}  # cached name -> (size, sha256) checked in this run
         self._fresh: set[str] = set()  # downloaded by read-ahead, not yet asked for
+        self._downloaded: set[str] = set()  # downloaded in this run
         self._pool = ThreadPoolExecutor(max(read_ahead, 1), thread_name_prefix="distllm-read-ahead")
 
     def __repr__(self) -> str:
@@ -213,7 +216,7 @@ class RemoteStore:
                 raise DataError(f"{self.url(name)} not found (data.dir); run `distllm prepare CONFIG` first") from None
             except PermissionError as e:
                 raise DataError(f"no permission to read {self.url(name)} ({e}); check the credentials") from None
-            except _Corrupt:
+            except (_Corrupt, DataError):
                 raise
             except Exception as e:  # connection refused / reset / timeouts, from any backend
                 if attempt + 1 == attempts:
@@ -245,7 +248,10 @@ class RemoteStore:
         """The cached copy of ``name``, checked against ``size`` and ``sha256`` when given.
 
         Waits for a read-ahead already on it; otherwise verifies the cached copy (once per run) or
-        downloads it. Raises ``DataError`` naming the URL when it cannot get a matching copy.
+        downloads it. A copy cached by an earlier run is trusted only through its ``sha256``: without
+        one (``manifest.json``, ``tokenizer.json``) the file is downloaded again once per run, so a
+        re-prepared directory is never read through stale copies. Raises ``DataError`` naming the URL
+        when it cannot get a matching copy.
         """
         name = _check_name(name)
         with self._lock:
@@ -257,7 +263,8 @@ class RemoteStore:
                 pass  # the read-ahead failed: try once more here, and report that attempt's error
         with self._lock:
             known = self._known.get(name)
-            if known is not None and _matches(known, size, sha256) is None and (self.cache / name).is_file():
+            trusted = known is not None and (sha256 is not None or name in self._downloaded)
+            if trusted and _matches(known, size, sha256) is None and (self.cache / name).is_file():
                 if name in self._fresh:
                     self._fresh.discard(name)  # downloaded by read-ahead for this request: not a hit
                 else:
@@ -266,64 +273,77 @@ class RemoteStore:
         return self._fetch(name, size, sha256, for_caller=True)
 
     def prefetch(self, names: list[str]) -> None:
-        """Start background downloads of the first ``read_ahead`` of ``names`` not yet cached or on their way."""
-        started = 0
+        """Download ``names`` in the background, in order, keeping at most ``read_ahead`` downloads
+        queued or running (names beyond that, or already cached in this run, are skipped: call
+        again as reading moves on)."""
         for name in names:
-            if started >= self.read_ahead:
-                break
             name = _check_name(name)
             with self._lock:
+                if len(self._inflight) >= self.read_ahead:
+                    return
                 if name in self._inflight or name in self._known:
                     continue
                 self._inflight[name] = self._pool.submit(self._fetch, name, None, None, False)
-            started += 1
+
+    @property
+    def pending(self) -> int:
+        """Read-ahead downloads queued or running."""
+        with self._lock:
+            return len(self._inflight)
 
     def _fetch(self, name: str, size: Optional[int], sha256: Optional[str], for_caller: bool) -> Path:
-        """Check the cached copy or download it; one more download if a copy does not match."""
+        """Check the cached copy or download it; one more download if a copy does not match.
+
+        Holds an exclusive lock on ``.NAME.lock`` in the cache meanwhile, so processes (ranks on one
+        node) and threads sharing the cache download each file once; the others then find it cached.
+        """
         path = self.cache / name
         try:
-            if path.is_file():
-                known = _digest(path)
-                if _matches(known, size, sha256) is None:
-                    with self._lock:
-                        self._known[name] = known
-                        if for_caller:
-                            self.stats["hits"] += 1
-                    return path
-                path.unlink(missing_ok=True)  # a bad cached copy: download it again
-            for attempt in range(2):
-                try:
-                    known = self._retrying(name, self._download, name, path, size, sha256)
-                    break
-                except _Corrupt as e:
-                    if attempt == 1:
-                        raise DataError(
-                            f"{self.url(name)} does not match its manifest entry ({e}) in two downloads; "
-                            "the stored file is changed or corrupt: re-run `distllm prepare`"
-                        ) from None
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DataError(f"cannot create the data cache directory {path.parent} ({e}); set data.cache_dir") from None
+            with _locked(path.with_name(f".{path.name}.lock")):
+                if path.is_file() and (sha256 is not None or not for_caller):
+                    known = _digest(path)
+                    if _matches(known, size, sha256) is None:
+                        with self._lock:
+                            self._known[name] = known
+                            if for_caller:
+                                self.stats["hits"] += 1
+                        return path
+                    path.unlink(missing_ok=True)  # a bad cached copy: download it again
+                for attempt in range(2):
+                    try:
+                        known = self._retrying(name, self._download, name, path, size, sha256)
+                        break
+                    except _Corrupt as e:
+                        if attempt == 1:
+                            raise DataError(
+                                f"{self.url(name)} does not match its manifest entry ({e}) in two downloads; "
+                                "the stored file is changed or corrupt: re-run `distllm prepare`"
+                            ) from None
             with self._lock:
                 self._known[name] = known
+                self._downloaded.add(name)
                 if not for_caller:
                     self._fresh.add(name)
             return path
         finally:
-            with self._lock:
-                if not for_caller:
+            if not for_caller:
+                with self._lock:
                     self._inflight.pop(name, None)
 
     def _download(self, name: str, path: Path, size: Optional[int], sha256: Optional[str]) -> tuple[int, str]:
         """One attempt: stream to a temporary file while hashing, check, rename into place."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         digest, n = hashlib.sha256(), 0
         try:
-            with self.fs.open(self._remote(name), "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):
+            with self.fs.open(self._remote(name), "rb") as src, _CacheFile(tmp) as dst:
+                while chunk := src.read(CHUNK):  # remote errors propagate (and are retried)
                     digest.update(chunk)
                     dst.write(chunk)
                     n += len(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
             known = (n, digest.hexdigest())
             problem = _matches(known, size, sha256)
             if problem is not None:
@@ -345,6 +365,50 @@ class RemoteStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _CacheFile:
+    """A local file being written; its OS errors (a full disk) become one DataError naming the cache."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.f = open(path, "wb")
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> DataError:
+        return DataError(f"cannot write the data cache file {self.path} ({e.strerror or e}); free space or set data.cache_dir")
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def __enter__(self) -> "_CacheFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            if exc[0] is None:
+                raise self._error(e) from None
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive advisory lock (``flock``) on ``lock_path`` for the ``with`` block."""
+    with open(lock_path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _Corrupt(Exception):
