@@ -133,3 +133,14 @@ def test_export_refuses_bad_targets_with_one_clear_error(tiny_config, tmp_path, 
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2  # one line, exit 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distllm export: error:")
+
+
+def test_export_from_a_zero3_checkpoint_of_two_ranks(dist_runs, tmp_path):
+    """A checkpoint written by 2 ZeRO-3 ranks (each rank's own parameters in its own file) exports
+    in one CPU process, without DeepSpeed or the ranks that wrote it, to the same HF model."""
+    run = dist_runs["zero3"]
+    ckpt = run.checkpoint()
+    assert len(list(ckpt.glob("model-rank*.safetensors"))) == 2 and not (ckpt / "model.safetensors").exists()
+    out = tmp_path / "hf"
+    assert main(["export", str(run.dir), "--out", str(out)]) == 0
+    assert_parity(ckpt, out, ckpt / "tokenizer.json")
