@@ -120,9 +120,9 @@ def test_read_ahead_is_bounded_and_downloads_each_shard_once(s3_bucket, tmp_path
         assert store.pending == 0
         store.local_path(names[0])
         assert store.stats["hits"] == 1
-        store.prefetch(names)  # moves on to the next one
-        store.local_path(names[2])
-        assert store.stats["downloads"] == 3
+        store.prefetch(names)  # moves on to the next two
+        assert [store.local_path(name).read_bytes() for name in names[2:]] == [blobs[n] for n in names[2:]]
+        assert store.stats["downloads"] == 4 and store.stats["hits"] == 1
 
 
 def test_a_server_that_stops_mid_epoch_is_retried_then_a_clear_error(moto_server, prepared_data, tmp_path):
