@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from distllm.config import DataConfig, ModelConfig
-from distllm.data.loader import build_train_loader
+from distllm.data.loader import ORDER_CHUNK, build_train_loader
 from distllm.data.order import Permutation
 from distllm.data.packing import document_attention_mask, document_ids
 from distllm.data.shards import HEADER_SIZE, open_shard, verify, write_manifest, write_shard
@@ -56,13 +56,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per reader")
     p.add_argument("--many-shards", type=int, default=1000)
     p.add_argument("--many-shard-tokens", type=int, default=100_000)
-    p.add_argument("--mask-steps", type=int, default=6)
+    p.add_argument("--mask-steps", type=int, default=20)
+    p.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--startup", nargs=2, metavar=("DESIGN", "DIR"), help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.quick:
         args.shards, args.shard_tokens, args.batches, args.rounds = 2, 500_000, 20, 3
-        args.many_shards, args.many_shard_tokens, args.mask_steps = 50, 20_000, 2
+        args.many_shards, args.many_shard_tokens, args.mask_steps = 50, 20_000, 3
     return args
 
 
@@ -216,19 +217,21 @@ def peak_bytes(fn) -> int:
 
 def bench_order_memory() -> None:
     n, G = 10**9, 512
-    computed = peak_bytes(lambda: Permutation(n, key=1)[0:G])
+    # the loader computes ORDER_CHUNK positions of an epoch's order at once and keeps only those
+    computed = peak_bytes(lambda: Permutation(n, key=1)[0:ORDER_CHUNK])
     t = time.perf_counter()
     perm = Permutation(n, key=1)
-    for step in range(100):
-        perm[step * G : (step + 1) * G]
-    per_batch_us = (time.perf_counter() - t) / 100 * 1e6
+    for chunk in range(20):
+        perm[chunk * ORDER_CHUNK : (chunk + 1) * ORDER_CHUNK]
+    per_batch_us = (time.perf_counter() - t) / 20 * G / ORDER_CHUNK * 1e6
     small = 10**7
     stored_small = peak_bytes(lambda: np.random.default_rng(0).permutation(small))
+    stored = stored_small * n / small
     print(f"order of {n:.0e} samples, global batch {G}:")
-    print(f"  computed permutation: {computed / 1e3:.1f} KB peak while computing a global batch "
-          f"({per_batch_us:.0f} us per batch)")
-    print(f"  stored permutation (baseline): {stored_small / 1e6:.0f} MB measured at {small:.0e} samples -> "
-          f"{stored_small * n / small / 1e9:.1f} GB at {n:.0e} (per process); ratio {stored_small * n / small / computed:.0f}x")
+    print(f"  computed permutation (distllm): {computed / 1e3:.0f} KB peak per process, computed "
+          f"{ORDER_CHUNK} positions at a time ({per_batch_us:.0f} us per global batch)")
+    print(f"  stored permutation (baseline):  {stored_small / 1e6:.0f} MB measured at {small:.0e} samples -> "
+          f"{stored / 1e9:.1f} GB at {n:.0e} per process; ratio {stored / computed:.0f}x")
 
 
 # --------------------------------------------------------------------------- 4. document masking
@@ -253,32 +256,36 @@ def bench_document_mask(args, root: Path) -> None:
     loader.close()
     original = transformer_module.attention
 
-    def run(mask) -> float:
+    def attention_with(mask):
         def attention(q, k, v, attn_mask=None, is_causal=False):
             if is_causal and mask is not None:
                 return original(q, k, v, attn_mask=mask)
             return original(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-        transformer_module.attention = attention
+        return attention
+
+    def step_seconds(mask) -> float:
+        transformer_module.attention = attention_with(mask)
         try:
             t = time.perf_counter()
-            for _ in range(args.mask_steps):
-                next_token_loss(model, window).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return args.mask_steps * B * T / (time.perf_counter() - t)
+            next_token_loss(model, window).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t
         finally:
             transformer_module.attention = original
 
-    run(None), run(masks["per-document"])  # warm-up
-    tps = {name: [] for name in masks}
-    for r in range(3):
-        for name in masks if r % 2 == 0 else reversed(masks):
-            tps[name].append(run(masks[name]))
-    base = statistics.median(tps["causal (baseline)"])
-    print(f"debug model (4 layers x 192, GQA 4/2), batch {B} x {T}, {docs_per_window:.1f} documents per window, CPU fp32:")
-    for name, values in tps.items():
-        print(f"  {name:20s} {statistics.median(values):8.0f} tokens/s   {statistics.median(values) / base:5.2f}x")
+    for mask in masks.values():  # warm-up
+        step_seconds(mask)
+    times = {name: [] for name in masks}
+    for i in range(args.mask_steps):  # single steps, alternating which goes first
+        for name in masks if i % 2 == 0 else reversed(masks):
+            times[name].append(step_seconds(masks[name]))
+    base = statistics.median(times["causal (baseline)"])
+    print(f"debug model (4 layers x 192, GQA 4/2), batch {B} x {T}, {docs_per_window:.1f} documents per window, "
+          f"CPU fp32, median of {args.mask_steps} steps each:")
+    for name, ts in times.items():
+        print(f"  {name:20s} {B * T / statistics.median(ts):8.0f} tokens/s   {base / statistics.median(ts):5.2f}x")
 
 
 def main() -> None:
@@ -289,14 +296,18 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     root = Path(tempfile.mkdtemp(prefix="distllm-bench-loader-"))
     try:
-        print("== 1. loader throughput (one process, local shards)")
-        bench_throughput(args, root)
-        print("== 2. start-up with many shards")
-        bench_startup(args, root)
-        print("== 3. memory of the global order")
-        bench_order_memory()
-        print("== 4. document masking")
-        bench_document_mask(args, root)
+        if "1" in args.parts:
+            print("== 1. loader throughput (one process, local shards)")
+            bench_throughput(args, root)
+        if "2" in args.parts:
+            print("== 2. start-up with many shards")
+            bench_startup(args, root)
+        if "3" in args.parts:
+            print("== 3. memory of the global order")
+            bench_order_memory()
+        if "4" in args.parts:
+            print("== 4. document masking")
+            bench_document_mask(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -45,11 +45,13 @@ import torch
 from distllm.data.mixing import MixSchedule
 from distllm.data.order import Permutation, derive_key
 from distllm.data.packing import document_ids
-from distllm.data.shards import MANIFEST, SPLITS, data_fingerprint, load_manifest, verify_shard
+from distllm.data.shards import HEADER_SIZE, MANIFEST, SPLITS, data_fingerprint, load_manifest, verify_shard
 from distllm.errors import ConfigError, DataError
 from distllm.tokenizer import fingerprint, load_tokenizer
 
 STATE_FORMAT = 1
+ORDER_CHUNK = 4096
+"""Positions of an epoch's order computed at once (and kept: 32 KB per source)."""
 
 
 class TokenShards:
@@ -77,10 +79,10 @@ class TokenShards:
         self.eot_id: int = tok["eot_id"]
         self.fingerprint: str = tok["fingerprint"]
         tok_path = self._local_file(tok["file"])
-        if fingerprint(load_tokenizer(tok_path)) != self.fingerprint:
+        if (actual := fingerprint(load_tokenizer(tok_path))) != self.fingerprint:
             raise DataError(
-                f"{tok_path} does not match the shards (fingerprint {fingerprint(load_tokenizer(tok_path))[:12]} != "
-                f"{self.fingerprint[:12]}); re-run prepare"
+                f"{tok_path} does not match the shards (fingerprint {actual[:12]} != {self.fingerprint[:12]}); "
+                "re-run prepare"
             )
         self.dtype = np.dtype(manifest["dtype"])
         self.vocab_limit = self.vocab_size if vocab_limit is None else min(vocab_limit, self.vocab_size)
@@ -96,6 +98,7 @@ class TokenShards:
         self._starts = np.cumsum([0] + sizes)  # _starts[k] = stream offset of shard k; _starts[-1] = total
         self.num_tokens = int(self._starts[-1])
         self._maps: list[Optional[np.ndarray]] = [None] * len(self._entries)
+        self._unopened = len(self._entries)
         self._futures: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._workers = verify_workers
@@ -124,8 +127,11 @@ class TokenShards:
         if header.num_tokens == 0:
             tokens = np.zeros(0, dtype=header.dtype)
         else:
-            tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=64, shape=(header.num_tokens,))
-        self._maps[k] = tokens
+            mapped = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
+            tokens = mapped.view(np.ndarray)  # the same memory map; plain ndarray slicing is several times faster
+        with self._lock:
+            self._maps[k] = tokens
+            self._unopened -= 1
         return tokens
 
     def _future(self, k: int) -> Future:
@@ -141,6 +147,11 @@ class TokenShards:
         """Tokens of shard ``k`` (waits for its verification on first use; DataError if it fails)."""
         tokens = self._maps[k]
         return tokens if tokens is not None else self._future(k).result()
+
+    @property
+    def all_open(self) -> bool:
+        """Every shard verified and mapped."""
+        return self._unopened == 0
 
     def warm(self, shard_ids: Sequence[int]) -> None:
         """Start verifying these shards in the background (they will be read soon)."""
@@ -267,36 +278,55 @@ class GlobalOrder:
         self.position = 0  # samples of the mixed stream consumed: global batches x G
         self.epochs = [0] * len(self.samples)
         self.indices = [0] * len(self.samples)  # position of each source inside its epoch's order
-        self._perms: list[Optional[Permutation]] = [None] * len(self.samples)
+        self._chunks: list[Optional[tuple[int, int, np.ndarray]]] = [None] * len(self.samples)  # (epoch, start, ids)
 
     def clone(self) -> GlobalOrder:
         """An independent order over the same sources, at the same position."""
         other = copy.copy(self)
-        other.epochs, other.indices, other._perms = list(self.epochs), list(self.indices), list(self._perms)
+        other.epochs, other.indices, other._chunks = list(self.epochs), list(self.indices), list(self._chunks)
         return other
 
     def permutation(self, k: int, epoch: int) -> Permutation:
-        """Order of source k's samples in ``epoch`` (cached while the epoch lasts)."""
-        key = derive_key(self.seed, epoch, self.data_ids[k])
-        perm = self._perms[k]
-        if perm is None or perm.key != key:
-            perm = self._perms[k] = Permutation(self.sizes[k], key)
-        return perm
+        """Order of source k's samples in ``epoch``."""
+        return Permutation(self.sizes[k], derive_key(self.seed, epoch, self.data_ids[k]))
+
+    def order_slice(self, k: int, epoch: int, start: int, count: int) -> np.ndarray:
+        """Local sample ids at positions ``[start, start + count)`` of source k's order in ``epoch``.
+
+        Computed ``ORDER_CHUNK`` positions at a time (one vectorised pass is far cheaper than many
+        small ones), and only the current chunk is kept: bounded memory whatever the corpus size.
+        """
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            pos = start + done
+            chunk = self._chunks[k]
+            if chunk is None or chunk[0] != epoch or not chunk[1] <= pos < chunk[1] + len(chunk[2]):
+                first = pos - pos % ORDER_CHUNK
+                ids = self.permutation(k, epoch)[first : min(first + ORDER_CHUNK, self.sizes[k])]
+                chunk = self._chunks[k] = (epoch, first, ids)
+            n = min(count - done, chunk[1] + len(chunk[2]) - pos)
+            out[done : done + n] = chunk[2][pos - chunk[1] : pos - chunk[1] + n]
+            done += n
+        return out
 
     def next_batch(self) -> np.ndarray:
         """Global sample ids of the next global batch, (G,) int64; advances the order."""
         G = self.global_batch
-        src = self.schedule.sources(self.position, G)  # (G,)
+        if len(self.samples) == 1:
+            src, everything = None, np.arange(G)
+        else:
+            src = self.schedule.sources(self.position, G)  # (G,)
         ids = np.empty(G, dtype=np.int64)
         for k in range(len(self.samples)):
-            where = np.flatnonzero(src == k)
+            where = everything if src is None else np.flatnonzero(src == k)
             if not where.size:
                 continue
             if self.indices[k] + where.size > self.sizes[k]:  # drop the epoch's remainder
                 self.epochs[k] += 1
                 self.indices[k] = 0
             start = self.indices[k]
-            ids[where] = self.permutation(k, self.epochs[k])[start : start + where.size] + self.offsets[k]
+            ids[where] = self.order_slice(k, self.epochs[k], start, where.size) + self.offsets[k]
             self.indices[k] += where.size
         self.position += G
         return ids
@@ -347,7 +377,7 @@ class GlobalOrder:
         for k, data_id in enumerate(self.data_ids):
             self.epochs[k] = int(saved[data_id]["epoch"])
             self.indices[k] = int(saved[data_id]["sample_index"])
-        self._perms = [None] * len(self.samples)
+        self._chunks = [None] * len(self.samples)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -391,6 +421,8 @@ class _RankBatches:
 
     def _warm(self, ids: np.ndarray) -> None:
         """Start verifying the shards this rank reads in global batch ``ids``."""
+        if all(samples.shards.all_open for samples in self.order.samples):
+            return
         mine = ids.reshape(self.accum, self.world_size, self.B)[:, self.rank].reshape(-1)
         src, local = self.order.split(mine)
         for k, samples in enumerate(self.order.samples):

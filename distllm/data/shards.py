@@ -241,6 +241,8 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 def load_manifest(path: str | os.PathLike) -> dict:
     """Load and sanity-check a manifest file at ``path`` (a local copy of any data directory's)."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no {path.name} in {path.parent} — run `distllm prepare CONFIG` first (data.dir)")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
