@@ -38,7 +38,7 @@ import torch
 from distllm.config import DataConfig, ModelConfig
 from distllm.data.loader import ORDER_CHUNK, build_train_loader
 from distllm.data.order import Permutation
-from distllm.data.packing import document_attention_mask, document_ids
+from distllm.data.packing import document_attention_mask
 from distllm.data.shards import HEADER_SIZE, open_shard, verify, write_manifest, write_shard
 from distllm.tokenizer import fingerprint, save_tokenizer, train_tokenizer
 
@@ -197,7 +197,8 @@ def bench_startup(args, root: Path) -> None:
         results[design] = json.loads(out.strip().splitlines()[-1])
     for design, label in (("previous", "previous loader (baseline)"), ("distllm", "distllm loader")):
         r = results[design]
-        print(f"  {label:28s} built in {r['built_s'] * 1e3:7.1f} ms, first batch at {r['first_batch_s'] * 1e3:7.1f} ms, "
+        print(f"  {label:28s} built in {r['built_s'] * 1e3:7.1f} ms, "
+              f"first batch at {r['first_batch_s'] * 1e3:7.1f} ms, "
               f"resident memory +{r['rss_mb']:.1f} MB")
     print(f"  ratio (baseline / distllm): build {results['previous']['built_s'] / results['distllm']['built_s']:.1f}x, "
           f"first batch {results['previous']['first_batch_s'] / results['distllm']['first_batch_s']:.2f}x "

@@ -1,11 +1,12 @@
 """Data pipeline: corpus -> tokenizer + token shards -> batches.
 
 ``distllm.data.prepare.prepare(cfg)`` builds a data directory (not re-exported here: the name
-would shadow the ``prepare`` module), ``TokenShards`` + ``BatchLoader`` read it.
+would shadow the ``prepare`` module), ``build_train_loader`` (training) and ``TokenShards`` +
+``SampleIndex`` (any split) read it.
 """
 
 from distllm.data.corpus import load_corpus
-from distllm.data.loader import BatchLoader, SampleIndex, TokenShards
+from distllm.data.loader import SampleIndex, TokenShards, TrainLoader, build_train_loader
 from distllm.data.shards import (
     ShardHeader,
     open_shard,
@@ -18,10 +19,11 @@ from distllm.data.shards import (
 )
 
 __all__ = [
-    "BatchLoader",
     "SampleIndex",
     "ShardHeader",
     "TokenShards",
+    "TrainLoader",
+    "build_train_loader",
     "load_corpus",
     "open_shard",
     "read_header",

@@ -184,7 +184,9 @@ class TokenShards:
         """Fill ``out`` (n, length) int64 with the windows ``[starts[i], starts[i] + length)``."""
         starts = np.asarray(starts, dtype=np.int64)
         if starts.size and (starts.min() < 0 or length < 0 or starts.max() + length > self.num_tokens):
-            raise IndexError(f"windows of {length} tokens at {starts} outside the {self.split} stream of {self.num_tokens} tokens")
+            raise IndexError(
+                f"windows of {length} tokens at {starts} outside the {self.split} stream of {self.num_tokens} tokens"
+            )
         ks = np.searchsorted(self._starts, starts, side="right") - 1
         for row, (start, k) in enumerate(zip(starts.tolist(), ks.tolist())):
             offset = start - int(self._starts[k])
@@ -660,91 +662,3 @@ def build_train_loader(
         prefetch=data_cfg.prefetch,
         document_mask=data_cfg.document_mask,
     )
-
-
-# --------------------------------------------------------------------------- legacy
-
-
-class BatchLoader:
-    """Legacy iterator (a stored permutation; drops by micro x world): only until train.py and evaluate.py
-    use ``build_train_loader`` and ``SampleIndex``. Do not use in new code."""
-
-    def __init__(
-        self,
-        shards: TokenShards,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.samples = SampleIndex(shards, seq_len)
-        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = batch_size * world_size
-        if self.samples.num_samples < self.global_batch:
-            raise DataError(
-                f"{shards.split} split has {self.samples.num_samples} samples of data.seq_len+1 = {seq_len + 1} "
-                f"tokens, fewer than one batch of {batch_size} x {world_size} processes; use a larger corpus or "
-                "smaller batches"
-            )
-        self.epoch = 0
-        self.sample_index = 0
-        self._order_epoch: int | None = None
-        self._order: np.ndarray | None = None
-
-    @property
-    def num_samples(self) -> int:
-        return self.samples.num_samples
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Global sample order of ``epoch`` (the same for every rank and world size)."""
-        if self._order_epoch != epoch:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            else:
-                self._order = np.arange(self.num_samples)
-            self._order_epoch = epoch
-        return self._order
-
-    def __iter__(self) -> BatchLoader:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self.sample_index + self.global_batch > self.num_samples:  # drop the epoch's remainder
-            self.epoch += 1
-            self.sample_index = 0
-        first = self.sample_index + self.rank * self.batch_size
-        ids = self.order(self.epoch)[first : first + self.batch_size]
-        self.sample_index += self.global_batch
-        return torch.from_numpy(np.stack([self.samples[int(i)] for i in ids]))
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "sample_index": self.sample_index,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "num_samples": self.num_samples,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (also with another world size); its seed replaces ours."""
-        if state["seq_len"] != self.seq_len or state["num_samples"] != self.num_samples:
-            raise DataError(
-                f"the data loader state is for another dataset: seq_len {state['seq_len']} with "
-                f"{state['num_samples']} samples, but the {self.samples.shards.split} split of "
-                f"{self.samples.shards.data_dir} gives seq_len {self.seq_len} with {self.num_samples} samples; "
-                "resume with the same data.dir and data.seq_len"
-            )
-        self.seed = state["seed"]
-        self.epoch = state["epoch"]
-        self.sample_index = state["sample_index"]
-        self._order_epoch = None

@@ -92,7 +92,11 @@ def test_start_up_reads_no_shard_and_each_is_verified_once(tmp_path, prepared_da
     bad = manifest["splits"]["train"]["shards"][7]["file"]
     calls = []
     real = loader_module.verify_shard
-    monkeypatch.setattr(loader_module, "verify_shard", lambda path, *a, **k: calls.append(path.name) or real(path, *a, **k))
+    def counting(path, *args, **kwargs):
+        calls.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "verify_shard", counting)
 
     missing = {e["file"]: (data / e["file"]).read_bytes() for e in manifest["splits"]["train"]["shards"]}
     for name in missing:
@@ -122,5 +126,6 @@ def test_manifest_lists_fewer_tokens_than_the_shards(data_dir):
     manifest = json.loads((data_dir / "manifest.json").read_text())
     manifest["splits"]["train"]["num_tokens"] += 1
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=r"the train shards listed in .*manifest.json hold (\d+) tokens, but it says (?!\1)\d+"):
+    listed = r"the train shards listed in .*manifest.json hold (\d+) tokens, but it says (?!\1)\d+"
+    with pytest.raises(DataError, match=listed):
         TokenShards(data_dir, "train")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distllm.config import DataConfig
-from distllm.data.loader import GlobalOrder, SampleIndex, TokenShards, TrainLoader, build_train_loader
+from distllm.data.loader import SampleIndex, TokenShards, build_train_loader
 from distllm.data.order import Permutation, derive_key
 from distllm.data.shards import read_manifest
 from distllm.errors import ConfigError, DataError
