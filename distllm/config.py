@@ -70,7 +70,7 @@ class DataConfig:
     """Fraction of documents held out for validation (at least one document)."""
     cache_dir: Optional[str] = None
     """Local cache of a remote ``data.dir`` (``s3://...`` or any fsspec URL), one sub-directory per URL
-    (None = ``$DISTLLM_CACHE``, else ``~/.cache/distllm/data``). Shards are downloaded whole and checked
+    (None = ``$DISTLLM_CACHE_DIR/data``, else ``~/.cache/distllm/data``). Shards are downloaded whole and checked
     against the manifest's size and sha256 before use; later runs and epochs read the cached copies."""
     storage_options: Optional[dict] = None
     """Options of the fsspec filesystem of a remote ``data.dir``, e.g. ``{client_kwargs: {endpoint_url:

@@ -58,9 +58,9 @@ def is_url(data_dir: str | os.PathLike) -> bool:
 
 
 def default_cache_root() -> Path:
-    """``$DISTLLM_CACHE``, else ``$XDG_CACHE_HOME/distllm/data``, else ``~/.cache/distllm/data``."""
-    if os.environ.get("DISTLLM_CACHE"):
-        return Path(os.environ["DISTLLM_CACHE"])
+    """``$DISTLLM_CACHE_DIR/data``, else ``$XDG_CACHE_HOME/distllm/data``, else ``~/.cache/distllm/data``."""
+    if os.environ.get("DISTLLM_CACHE_DIR"):
+        return Path(os.environ["DISTLLM_CACHE_DIR"]) / "data"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distllm" / "data"
 
 
@@ -94,16 +94,20 @@ def open_store(
     )
 
 
+def storage_kwargs(data) -> dict[str, Any]:
+    """The ``open_store`` keyword arguments of a ``DataConfig`` (cache, retries, read-ahead, options)."""
+    return {
+        "cache_dir": data.cache_dir,
+        "retries": data.storage_retries,
+        "backoff": data.storage_backoff,
+        "read_ahead": data.read_ahead_shards,
+        "storage_options": data.storage_options,
+    }
+
+
 def store_from_config(data) -> "LocalStore | RemoteStore":
-    """``open_store`` for a ``DataConfig``: ``data.dir`` with its cache, retry and read-ahead keys."""
-    return open_store(
-        data.dir,
-        cache_dir=data.cache_dir,
-        retries=data.storage_retries,
-        backoff=data.storage_backoff,
-        read_ahead=data.read_ahead_shards,
-        storage_options=data.storage_options,
-    )
+    """``open_store(data.dir, **storage_kwargs(data))`` for a ``DataConfig``."""
+    return open_store(data.dir, **storage_kwargs(data))
 
 
 def _check_name(name: str) -> str:
