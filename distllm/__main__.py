@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 from distllm.errors import UserError
 
@@ -23,7 +24,9 @@ OVERRIDES_HELP = (
 
 def _config_parser(name: str, sub, help: str, description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=description, epilog=OVERRIDES_HELP, allow_abbrev=False)
-    p.add_argument("config", help="YAML run file, e.g. configs/debug.yaml")
+    p.add_argument("config", help="YAML run file, e.g. configs/debug.yaml"
+                   + ("; or a run / checkpoint directory (the config saved there is used)"
+                      if name in ("eval", "generate") else ""))
     return p
 
 
@@ -44,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "and checkpoints go to run.dir. Continue a run with --checkpoint.resume_from=latest.")
 
     p = _config_parser("eval", sub, "validation loss / perplexity of a checkpoint",
-                       "Compute the validation loss and perplexity of a checkpoint on the val split of data.dir.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest in run.dir)")
+                       "Compute the validation loss and perplexity of a checkpoint on the val split of the data it "
+                       "was trained on (or data.dir if given).")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (with a YAML run file)")
 
     p = _config_parser("generate", sub, "generate text from a checkpoint",
                        "Sample a continuation of a prompt from a checkpoint, with a KV cache.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest in run.dir)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (with a YAML run file)")
     p.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -126,6 +130,16 @@ def check_sampling_args(args) -> None:
         raise ConfigError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
 
 
+def _saved_config(directory: str, overrides: list[str]):
+    """A run or checkpoint directory -> (the config saved in its checkpoint + overrides, the checkpoint)."""
+    from distllm import checkpoint
+    from distllm.config import apply_overrides, from_dict
+
+    path = checkpoint.locate(directory)
+    saved = checkpoint.read_state(path).get("config", {})
+    return from_dict(apply_overrides(saved, overrides)), str(path)
+
+
 def _run(args, extra: list[str], parser) -> int:
     if args.command == "plot":
         if extra:
@@ -148,7 +162,11 @@ def _run(args, extra: list[str], parser) -> int:
     bad = [x for x in extra if not (x.startswith("--") and "=" in x)]
     if bad:
         raise ConfigError(f"unrecognized argument '{bad[0]}' (config overrides look like --section.key=value)")
-    cfg = load_config(args.config, extra)
+    target = getattr(args, "checkpoint", None)
+    if args.command in ("eval", "generate") and Path(args.config).is_dir():
+        cfg, target = _saved_config(args.config, extra)
+    else:
+        cfg = load_config(args.config, extra)
     cfg.validate()  # single-process check now; train re-checks with the real number of processes
 
     if args.command == "prepare":
@@ -170,12 +188,12 @@ def _run(args, extra: list[str], parser) -> int:
     elif args.command == "eval":
         from distllm.evaluate import run_eval
 
-        print(json.dumps(run_eval(cfg, args.checkpoint), indent=2))
+        print(json.dumps(run_eval(cfg, target), indent=2))
     elif args.command == "generate":
         from distllm.generate import run_generate
 
         check_sampling_args(args)
-        print(run_generate(cfg, args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+        print(run_generate(cfg, target, args.prompt, args.max_new_tokens, args.temperature,
                            args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed))
     return 0
 

@@ -147,7 +147,7 @@ def locate(target: str | os.PathLike) -> Path:
         read_marker(path)
         return path
     if not path.is_dir():
-        raise CheckpointError(f"no run or checkpoint directory at {path}")
+        raise CheckpointError(f"no committed checkpoint: no run or checkpoint directory at {path}; train first")
     found = latest(path)
     if found is None:
         raise CheckpointError(f"no committed checkpoint in {checkpoint_dir(path)}; train first or name a checkpoint")

@@ -257,6 +257,9 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
     """Show a progress bar on the console."""
+    trace_samples: bool = False
+    """Write the global sample indices each process trained on, per step, to
+    ``run.dir/samples/rank<R>.jsonl`` (to audit that no sample repeats or is skipped)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None = datasheet bf16 peak on known GPUs, measured
     fp32 matmul throughput on CPU)."""
@@ -298,6 +301,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must contain a mapping of sections, got {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: list[str] = ()) -> dict:
+    """``raw`` (a config as nested dicts) with ``--section.key=value`` overrides applied."""
     for item in overrides:
         section, key, value = parse_override(item)
         if raw.get(section) is None:  # absent, or an empty "section:" line in the YAML file
@@ -305,7 +313,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section '{section}' must be a mapping")
         raw[section][key] = value
-    return from_dict(raw)
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

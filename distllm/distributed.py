@@ -82,7 +82,9 @@ class Runtime:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=torch.float32)
+        # no dtype argument: DeepSpeed 0.19 turns any explicit one into bf16 on CPU (an operator-precedence
+        # slip in Init._set_dtype); from the config it takes fp32, or bf16 when bf16 is enabled
+        return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
 
     def parallelize(self, model: torch.nn.Module, optimizer, cfg: TrainConfig):
         """Wrap a single-device model and its optimizer for this runtime."""
@@ -100,15 +102,17 @@ class Runtime:
         flat partition up front. DeepSpeed ZeRO-1/2 links each parameter to its slice of that state
         after the first step, but only for the parameter groups whose state exists by then (the first),
         so without this the moments of the second group (norm weights) could never be read or restored."""
-        base = engine.optimizer.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-        for group in base.param_groups:
-            on_device = group.get("fused") or group.get("capturable")
-            for flat in group["params"]:
-                st = base.state[flat]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
-                    st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        zero = engine.optimizer
+        base = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
+        # ZeRO-3 hands its flat partitions to the base optimizer only during step(); ZeRO-1/2 keep them there
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+        on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+        for flat in flats:
+            st = base.state[flat]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+                st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2 only
         if link is not None:
             link()  # what DeepSpeed runs after the first step, now that every group has state
@@ -409,6 +413,9 @@ def deepspeed_settings(cfg: Config, world_size: int, accum: int, precision: str)
     ds = merge_user_config(ds, user, user_file)
     from accelerate.utils import DeepSpeedPlugin
 
+    # The accelerate config's DeepSpeed fields were read (and checked against ours) above; Accelerate
+    # would refuse them next to a full config (ACCELERATE_CONFIG_DS_FIELDS lists them).
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(
         hf_ds_config=ds,
         gradient_accumulation_steps=accum,

@@ -6,6 +6,7 @@ rank and step match (either may be omitted = any):
     sigkill   the process kills itself with SIGKILL (a crash: nothing is cleaned up)
     sigterm   the process sends itself SIGTERM (a preemption notice to this rank only)
     sigusr1   the process sends itself SIGUSR1
+    sigint    the process sends itself SIGINT (Ctrl-C)
     enospc    raises OSError(ENOSPC) (a full disk)
     inf       ``trigger`` returns True and the caller poisons its value (a non-finite loss)
 
@@ -19,7 +20,8 @@ import errno
 import os
 import signal
 
-_ACTIONS = ("sigkill", "sigterm", "sigusr1", "enospc", "inf")
+_ACTIONS = ("sigkill", "sigterm", "sigusr1", "sigint", "enospc", "inf")
+_SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1, "sigint": signal.SIGINT}
 
 
 def _parse(text: str) -> list[tuple[str, str, int | None, int | None]]:
@@ -47,12 +49,8 @@ def trigger(point: str, rank: int, step: int) -> bool:
     for action, where, r, s in _FAULTS:
         if where != point or (r is not None and r != rank) or (s is not None and s != step):
             continue
-        if action == "sigkill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
-        elif action == "sigusr1":
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if action in _SIGNALS:
+            os.kill(os.getpid(), _SIGNALS[action])
         elif action == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         elif action == "inf":

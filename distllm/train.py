@@ -10,6 +10,7 @@ save at the same step and never wait for each other forever.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -53,6 +54,8 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
     stop = StopRequest()  # from here on, SIGTERM / SIGUSR1 / SIGINT only set a flag
+    if cfg.train.debug:
+        cfg = debug_config(cfg)
     rt = distributed.setup(cfg)
     run_dir = Path(cfg.run.dir)
     resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))
@@ -64,6 +67,8 @@ def train(cfg: Config) -> TrainResult:
                                 seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size,
                                 vocab_limit=cfg.model.vocab_size)
     check_vocab(cfg, loader.vocab_size)
+    if cfg.train.debug:
+        loader = FirstBatchOnly(loader)
     val = ValidationSet(TokenShards(cfg.data.dir, "val"), T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
 
     # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
@@ -91,6 +96,7 @@ def train(cfg: Config) -> TrainResult:
     log = MetricsLogger(run_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.max_steps, start_step=step,
                         resume_step=step if resume_path is not None else None)
+    trace = SampleTrace(run_dir, rt.rank, step if resume_path else None) if cfg.logging.trace_samples else None
     tokens_per_step = cfg.train.global_batch_size * T
     flops_tok = flops_per_token(cfg.model, T)
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)
@@ -127,7 +133,7 @@ def train(cfg: Config) -> TrainResult:
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor, np.ndarray]] = []  # logged lazily
     recent = deque(maxlen=50)  # recent step losses, for spike detection
     loss_value, val_loss, ckpt_path, stopped, exit_code = float("nan"), float("nan"), None, "", 0
-    skipped_in_a_row, slowest_step = 0, 0.0
+    skipped_in_a_row, slowest_step, first_loss = 0, 0.0, None
     timer, timed_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes evaluation and saving
     while step < cfg.train.max_steps:
         t_step = time.monotonic()
@@ -162,6 +168,8 @@ def train(cfg: Config) -> TrainResult:
         else:
             skipped_in_a_row = 0
             pending.append((step, lr, step_loss, grad_norm, np.concatenate(indices)))
+        if trace is not None:
+            trace.write(step, np.concatenate(indices))
         faults.trigger("step", rank=rt.rank, step=step)
         slowest_step = max(slowest_step, time.monotonic() - t_step)
 
@@ -170,6 +178,7 @@ def train(cfg: Config) -> TrainResult:
             for (s, _, _, _, ids), value in zip(pending, losses):
                 check_spike(rt, log, recent, cfg.train.spike_factor, s, value, ids)
             loss_value = sum(losses) / len(losses)
+            first_loss = losses[0] if first_loss is None else first_loss
             tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - paused)
             s, lr_last, _, norm, _ = pending[-1]
             log.log({"step": s, "loss": loss_value, "lr": lr_last, "grad_norm": float(norm),
@@ -189,8 +198,8 @@ def train(cfg: Config) -> TrainResult:
         pause_start = time.perf_counter()
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
             val_loss = evaluate(step)
-        if (last or signalled or time_up or exit_now or periodic
-                or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+        if not cfg.train.debug and (last or signalled or time_up or exit_now or periodic
+                                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
             ckpt_path = save(step)
         paused += time.perf_counter() - pause_start
         if signalled or time_up or exit_now:
@@ -200,11 +209,15 @@ def train(cfg: Config) -> TrainResult:
             log.print(f"stopping at step {step} for {stopped}: saved {ckpt_path}; run the same command to resume")
             break
 
-    if ckpt_path is None and step >= cfg.train.max_steps:  # resumed at (or past) max_steps: nothing to train
+    if cfg.train.debug:
+        overfit_check(log, first_loss=first_loss, last_loss=loss_value, steps=step)
+    elif ckpt_path is None and step >= cfg.train.max_steps:  # resumed at (or past) max_steps: nothing to train
         ckpt_path = resume_path
         log.print(f"already at step {step} >= train.max_steps; nothing to train")
     rt.barrier()
     log.close()
+    if trace is not None:
+        trace.close()
     loader.close()
     stop.restore()
     return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main,
@@ -281,6 +294,75 @@ def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, i
             samples = sorted(int(i) for part in rt.gather_object(ids.tolist()) for i in part)
             log.log({"step": step, "loss_spike": loss, "recent_mean": mean, "samples": samples})
     recent.append(loss)
+
+
+DEBUG_STEPS = 40
+
+
+def debug_config(cfg: Config) -> Config:
+    """``train.debug``: the same loop on one small batch, trained on again and again (a model that cannot
+    overfit one batch has a bug), nothing compiled, nothing saved, nothing resumed."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    t.micro_batch_size = t.global_batch_size = min(t.micro_batch_size, 4)
+    t.max_steps, t.compile, t.eval_every = DEBUG_STEPS, False, 0
+    t.exit_at_step = None
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, t.max_steps // 4)
+    cfg.checkpoint.resume_from, cfg.checkpoint.every, cfg.checkpoint.every_minutes = None, 0, 0.0
+    cfg.logging.log_every = min(cfg.logging.log_every, 5)
+    return cfg
+
+
+class FirstBatchOnly:
+    """The loader's first micro-batch, over and over (debug mode's overfit check)."""
+
+    def __init__(self, loader):
+        self.loader, self.batch = loader, None
+        self.fingerprint, self.vocab_size = loader.fingerprint, loader.vocab_size
+
+    def __next__(self) -> torch.Tensor:
+        if self.batch is None:
+            self.batch = next(self.loader)
+            self.last_indices = self.loader.last_indices
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def overfit_check(log, first_loss: float | None, last_loss: float, steps: int) -> None:
+    """Debug mode passes when the loss on the one repeated batch fell below 3/4 of its first value (a model that cannot fit one batch has a bug)."""
+    if first_loss is None or not last_loss < 0.75 * first_loss:
+        raise UserError(
+            f"debug overfit check failed: the loss on one repeated batch went {first_loss} -> {last_loss} in "
+            f"{steps} steps (expected below 3/4 of the first); check the data, the model and optim.lr"
+        )
+    log.print(f"debug overfit check passed: loss {first_loss:.4f} -> {last_loss:.4f} on one batch in {steps} steps")
+
+
+class SampleTrace:
+    """``run.dir/samples/rank<R>.jsonl``: {"step", "samples"} per step, the global sample indices this rank
+    trained on. A resumed run drops the lines after its checkpoint, as metrics.jsonl does."""
+
+    def __init__(self, run_dir: Path, rank: int, resume_step: int | None):
+        from distllm.metrics import truncate_after
+
+        path = run_dir / "samples" / f"rank{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            truncate_after(path, resume_step)
+        self.file = open(path, "a" if resume_step is not None else "w", buffering=1)  # line-buffered
+
+    def write(self, step: int, samples: np.ndarray) -> None:
+        self.file.write(json.dumps({"step": step, "samples": samples.tolist()}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 _HF_CACHE = tempfile.mkdtemp(prefix="distllm-test-hf-")
 os.environ["HF_DATASETS_CACHE"] = _HF_CACHE
+os.environ["DISTLLM_CACHE_DIR"] = _HF_CACHE  # the measured CPU peak is cached here, not in ~/.cache
 atexit.register(shutil.rmtree, _HF_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
@@ -139,3 +140,11 @@ def mount_tmpfs(tmp_path):
     yield mount
     for mnt in mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory, prepared_data):
+    """Shared real multi-process runs (see tests/distributed_runs.py), made on first use."""
+    from distributed_runs import Runs
+
+    return Runs(tmp_path_factory.mktemp("dist_runs"), prepared_data)

@@ -80,7 +80,7 @@ def test_train_before_prepare(tmp_path):
 
 def test_eval_without_checkpoint(tmp_path, prepared_data):
     cfg = write_config(tmp_path, {"data": {"dir": str(prepared_data)}, "run": {"dir": str(tmp_path / "empty-run")}})
-    assert_user_error(run_cli("eval", cfg), "no complete checkpoint")
+    assert_user_error(run_cli("eval", cfg), "no committed checkpoint")
 
 
 def test_train_eval_generate_plot(tiny_config, tmp_path, capsys):

@@ -1,0 +1,87 @@
+"""Data parallel and ZeRO training with 2 real processes (gloo, CPU) agree with one process.
+
+Every run: 20 steps of a tiny GQA model, global batch 32 = micro 4 x accumulation 8 on one process
+or x 4 on each of two, crossing the epoch boundary at step 16. The DDP run is launched as two
+"nodes" of one process each (``torchrun --nnodes 2`` on 127.0.0.1).
+"""
+
+import pytest
+import torch
+
+from distributed_runs import HALF, STEPS
+
+TOL = 1e-3  # relative, per step: the issue's bound for a different reduction order
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3"])
+def test_losses_match_one_process(dist_runs, engine):
+    one, run = dist_runs["one"], dist_runs[engine]
+    a, b = one.losses(), run.losses()
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=TOL), (engine, step, a[step], b[step])
+    # the same validation set on any number of processes
+    for step, val in one.val_losses().items():
+        assert run.val_losses()[step] == pytest.approx(val, rel=TOL)
+    assert a[STEPS] < a[1] - 0.3  # it trained (and the comparison is not of two flat lines)
+
+
+def test_ranks_read_disjoint_slices_of_the_one_process_batch(dist_runs):
+    one, ddp = dist_runs["one"].samples(0), dist_runs["ddp"]
+    r0, r1 = ddp.samples(0), ddp.samples(1)
+    for step in range(1, STEPS + 1):
+        assert not set(r0[step]) & set(r1[step]), step
+        assert len(r0[step]) == len(r1[step]) == 16
+        assert sorted(r0[step] + r1[step]) == sorted(one[step]), step
+    seen = [i for step in range(1, 17) for i in one[step]]  # the first epoch: no sample twice
+    assert len(seen) == len(set(seen)) == 16 * 32
+
+
+def test_two_node_launch_logged_one_header(dist_runs):
+    node0, node1 = dist_runs["ddp"].proc
+    assert "2 process(es) on cpu, DDP" in node0.stdout
+    assert "process(es)" not in node1.stdout  # only the global rank 0 prints and writes metrics
+
+
+@pytest.mark.parametrize("engine", ["one", "ddp", "zero2", "zero3"])
+def test_resume_is_bit_exact(dist_runs, engine):
+    """20 steps straight == exit_at_step=10 then the same command again: every loss with ==, and the
+    final weights and AdamW moments bit for bit."""
+    straight, resumed = dist_runs[engine], dist_runs[f"{engine}@{HALF}>{engine}"]
+    assert "stopping at step 10 for train.exit_at_step" in dist_runs[f"{engine}@{HALF}"].proc.stdout
+    assert resumed.losses() == straight.losses()  # metrics.jsonl continues without repeated steps
+    assert [r["step"] for r in resumed.records() if "lr" in r] == list(range(1, STEPS + 1))
+    a, b = straight.weights(), resumed.weights()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = straight.moments(), resumed.moments()
+    assert a.keys() == b.keys() and len(a) == 2 * len(straight.weights())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for rank in range(2 if engine != "one" else 1):
+        assert resumed.samples(rank) == straight.samples(rank)
+
+
+@pytest.mark.parametrize("first,then", [
+    ("ddp", "one"), ("one", "ddp"),
+    ("zero2", "zero2x1"), ("one", "zero2"),
+    ("zero3", "zero3x1"), ("one", "zero3"),
+])
+def test_resume_on_another_number_of_processes(dist_runs, first, then):
+    """2 -> 1 and 1 -> 2 processes, also under ZeRO-2 and ZeRO-3, with no conversion step: the next
+    10 losses match the uninterrupted run, the restored moments equal the saved ones, and the data
+    continues at the same global sample index."""
+    straight, resumed = dist_runs[first], dist_runs[f"{first}@{HALF}>{then}"]
+    a, b = straight.losses(), resumed.losses()
+    for step in range(HALF + 1, STEPS + 1):
+        assert b[step] == pytest.approx(a[step], rel=TOL), (step, a[step], b[step])
+    world = 2 if then in ("ddp", "zero2", "zero3") else 1
+    for step in range(HALF + 1, STEPS + 1):
+        got = sorted(i for r in range(world) for i in resumed.samples(r)[step])
+        want = sorted(i for r in range(2 if first != "one" else 1) for i in straight.samples(r)[step])
+        assert got == want, step
+    # the moments were restored, not restarted: 10 steps later they still match the straight run's
+    # (restarted moments keep 0.95^10 = 60% less history in exp_avg_sq and would be far off)
+    a, b = straight.moments(), resumed.moments()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(b[k], a[k], rtol=1e-3, atol=1e-3 * float(a[k].abs().max())), k
