@@ -1,6 +1,6 @@
 """Training-data loader: throughput, start-up and memory, each beside a baseline measured in the same run.
 
-    python benchmarks/bench_loader.py            # all four parts, about a minute on 2 cores
+    python benchmarks/bench_loader.py            # all five parts, a few minutes on 2 idle cores
     python benchmarks/bench_loader.py --quick    # smaller sizes (smoke run)
 
 1. Tokens/s reading local shards in one process: distllm's loader (global shuffled order,
@@ -16,6 +16,8 @@
 4. Document masking: tokens/s of a debug-model training step with the causal mask against a
    block-diagonal (per-document) mask of the same windows. The model does not take document ids
    yet; this part passes the loader's mask to its attention function from outside.
+5. Fraction of a debug-model training step spent waiting in ``next(loader)``, with the prefetch
+   thread against reading in the step.
 """
 
 from __future__ import annotations
@@ -57,17 +59,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--many-shards", type=int, default=1000)
     p.add_argument("--many-shard-tokens", type=int, default=100_000)
     p.add_argument("--mask-steps", type=int, default=20)
-    p.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
+    p.add_argument("--wait-steps", type=int, default=20)
+    p.add_argument("--parts", default="12345", help="which parts to run, e.g. 13")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--startup", nargs=2, metavar=("DESIGN", "DIR"), help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.quick:
         args.shards, args.shard_tokens, args.batches, args.rounds = 2, 500_000, 20, 3
-        args.many_shards, args.many_shard_tokens, args.mask_steps = 50, 20_000, 3
+        args.many_shards, args.many_shard_tokens, args.mask_steps, args.wait_steps = 50, 20_000, 3, 3
     return args
 
 
-def make_corpus(path: Path, shards: int, shard_tokens: int, seed: int = 0) -> Path:
+def make_corpus(path: Path, shards: int, shard_tokens: int, seed: int = 0, vocab: int = VOCAB) -> Path:
     """A prepared-looking data dir of random tokens (documents of ~600 tokens ended by EOT)."""
     path.mkdir(parents=True)
     tok = train_tokenizer(["a tiny tokenizer for the benchmark corpus"] * 4, vocab_size=300)
@@ -76,14 +79,14 @@ def make_corpus(path: Path, shards: int, shard_tokens: int, seed: int = 0) -> Pa
     rng = np.random.default_rng(seed)
     entries = []
     for i in range(shards):
-        tokens = rng.integers(1, VOCAB, shard_tokens, dtype=np.uint16)
+        tokens = rng.integers(1, vocab, shard_tokens, dtype=np.uint16)
         tokens[rng.random(shard_tokens) < 1 / 600] = EOT
         entries.append(write_shard(path / f"train_{i:06d}.bin", tokens, fp))
     val = write_shard(path / "val_000000.bin", rng.integers(1, VOCAB, 10_000, dtype=np.uint16), fp)
     total = sum(e["num_tokens"] for e in entries)
     write_manifest(path, {
         "format_version": 1, "source": "synthetic", "created": "now",
-        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": VOCAB, "eot_id": EOT},
+        "tokenizer": {"file": "tokenizer.json", "fingerprint": fp, "vocab_size": vocab, "eot_id": EOT},
         "dtype": "uint16",
         "splits": {"train": {"num_tokens": total, "num_documents": total // 600, "shards": entries},
                    "val": {"num_tokens": 10_000, "num_documents": 1, "shards": [val]}},
@@ -238,20 +241,35 @@ def bench_order_memory() -> None:
 # --------------------------------------------------------------------------- 4. document masking
 
 
-def bench_document_mask(args, root: Path) -> None:
-    import distllm.model.transformer as transformer_module
-    from distllm.loss import next_token_loss
+def debug_model_setup(root: Path):
+    """configs/debug.yaml's model, an AdamW optimizer and a corpus of its vocabulary: (model, opt, data_dir, B, T)."""
     from distllm.model import Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=8192, n_layers=4, n_heads=4, n_kv_heads=2, d_model=192, max_seq_len=256)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    B, T = 16, 128  # configs/debug.yaml
-    data_dir = root / "throughput" if (root / "throughput").exists() else make_corpus(root / "mask", 1, 200_000)
+    data_dir = root / "debug"
+    if not data_dir.exists():
+        make_corpus(data_dir, 4, 500_000, vocab=cfg.vocab_size)
+    return model, opt, data_dir, 16, 128
+
+
+def train_step(model, opt, window: torch.Tensor) -> None:
+    from distllm.loss import next_token_loss
+
+    next_token_loss(model, window).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_document_mask(args, root: Path) -> None:
+    import distllm.model.transformer as transformer_module
+
+    model, opt, data_dir, B, T = debug_model_setup(root)
     loader = build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=0, document_mask=True),
                                 micro_batch_size=B, global_batch_size=B, seed=0)
-    window = next(loader) % cfg.vocab_size  # the debug model's vocabulary; EOT (0) stays EOT
+    window = next(loader)
     masks = {"causal (baseline)": None, "per-document": document_attention_mask(loader.last_doc_ids)}
     docs_per_window = float((loader.last_doc_ids[:, -1] + 1).float().mean())
     loader.close()
@@ -269,9 +287,7 @@ def bench_document_mask(args, root: Path) -> None:
         transformer_module.attention = attention_with(mask)
         try:
             t = time.perf_counter()
-            next_token_loss(model, window).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, window)
             return time.perf_counter() - t
         finally:
             transformer_module.attention = original
@@ -287,6 +303,29 @@ def bench_document_mask(args, root: Path) -> None:
           f"CPU fp32, median of {args.mask_steps} steps each:")
     for name, ts in times.items():
         print(f"  {name:20s} {B * T / statistics.median(ts):8.0f} tokens/s   {base / statistics.median(ts):5.2f}x")
+
+
+# --------------------------------------------------------------------------- 5. waiting for data
+
+
+def bench_data_wait(args, root: Path) -> None:
+    model, opt, data_dir, B, T = debug_model_setup(root)
+    print(f"debug model training steps, batch {B} x {T}, {args.wait_steps} steps each, CPU fp32:")
+    for prefetch in (0, 2):
+        cfg = DataConfig(dir=str(data_dir), seq_len=T, prefetch=prefetch)
+        with build_train_loader(cfg, micro_batch_size=B, global_batch_size=B, seed=0) as loader:
+            for _ in range(2):  # warm-up: shard verification, thread start
+                train_step(model, opt, next(loader))
+            waited = total = 0.0
+            for _ in range(args.wait_steps):
+                t0 = time.perf_counter()
+                window = next(loader)
+                t1 = time.perf_counter()
+                train_step(model, opt, window)
+                waited, total = waited + t1 - t0, total + time.perf_counter() - t0
+        label = "prefetch 2" if prefetch else "synchronous (baseline)"
+        print(f"  {label:24s} waiting for data {waited / args.wait_steps * 1e3:7.3f} ms per step = "
+              f"{100 * waited / total:.3f}% of the step ({total / args.wait_steps * 1e3:.0f} ms)")
 
 
 def main() -> None:
@@ -309,6 +348,9 @@ def main() -> None:
         if "4" in args.parts:
             print("== 4. document masking")
             bench_document_mask(args, root)
+        if "5" in args.parts:
+            print("== 5. step time spent waiting for data")
+            bench_data_wait(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
