@@ -55,8 +55,10 @@ descendants() {
 
 # True if process $1 has a handler installed for signal number $2 (SigCgt mask of /proc/PID/status).
 catches() {
-    local mask
-    mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+    local key value mask=""
+    while read -r key value; do
+        if [ "$key" = "SigCgt:" ]; then mask=$value; break; fi
+    done 2>/dev/null <"/proc/$1/status" || return 1
     [ -n "$mask" ] && (( (16#$mask >> ($2 - 1)) & 1 ))
 }
 
