@@ -109,13 +109,14 @@ class TokenShards:
         return len(self._entries)
 
     # ---- file access: the one place that turns a file of the data directory into a local path
-    def _local_file(self, name: str) -> Path:
-        """Local path of ``name`` in the data directory (object storage plugs in here: fetch into a cache)."""
+    def _local_file(self, name: str, entry: Optional[dict] = None) -> Path:
+        """Local path of file ``name`` of the data directory; ``entry`` is a shard's manifest entry (its
+        ``num_tokens`` and ``sha256``). Object storage plugs in here: fetch into a local cache, return that."""
         return self.data_dir / name
 
     def _open(self, k: int) -> np.ndarray:
         """Verify shard ``k`` against the manifest and memory-map its tokens (once per shard per run)."""
-        path = self._local_file(self._entries[k]["file"])
+        path = self._local_file(self._entries[k]["file"], self._entries[k])
         header = verify_shard(
             path,
             self._entries[k],
@@ -209,7 +210,7 @@ class TokenShards:
         pos = int(starts[row]) + int(col)
         k = int(np.searchsorted(self._starts, pos, side="right")) - 1
         raise DataError(
-            f"shard {self._local_file(self._entries[k]['file'])} holds token id {int(out[row, col])} at token offset "
+            f"shard {self.data_dir / self._entries[k]['file']} holds token id {int(out[row, col])} at token offset "
             f"{pos - int(self._starts[k])}, outside the vocabulary of {self.vocab_limit} ids; it was made with "
             "another tokenizer or is corrupt (re-run `distllm prepare`), or model.vocab_size is too small"
         )
