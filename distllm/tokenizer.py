@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,19 +61,27 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"tokenizer file not found: {p}")
+    return parse_tokenizer(p.read_bytes(), str(p))
+
+
+def parse_tokenizer(data: bytes | str, origin: str) -> Tokenizer:
+    """A tokenizer from the text of a tokenizer.json (read from ``origin``, named in errors)."""
     try:
-        tok = Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises plain Exception for any parse error
-        raise DataError(f"could not read tokenizer {p}: {e}") from None
+        tok = Tokenizer.from_str(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except Exception as e:  # tokenizers raises plain Exception for any parse error; bytes may not be UTF-8
+        raise DataError(f"could not read tokenizer {origin}: {e}") from None
     tok.encode_special_tokens = True  # not serialized, so set it on every load
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write ``tok`` as JSON, atomically (temp file + rename)."""
+    """Write ``tok`` as JSON, atomically and durably (temp file, fsync, rename)."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(tok.to_str(), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(tok.to_str())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, p)
 
 
@@ -88,3 +97,49 @@ def eot_id(tok: Tokenizer) -> int:
     if i is None:
         raise DataError(f"the tokenizer has no '{EOT}' token, which distllm uses to separate documents")
     return i
+
+
+# --------------------------------------------------------------------------- long documents
+
+_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")
+"""A space with a non-space on both sides: the GPT-2 pre-tokenizer always starts a new piece there."""
+
+
+def splits_exactly(tok: Tokenizer) -> bool:
+    """True if ``split_long`` keeps ``tok``'s ids: a byte-level BPE with the GPT-2 pre-tokenizer
+    (as ``train_tokenizer`` makes) and no normalizer."""
+    spec = json.loads(tok.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return (
+        spec.get("normalizer") is None
+        and (spec.get("model") or {}).get("type") == "BPE"
+        and all(pre.get(k) == v for k, v in _GPT2_BYTE_LEVEL.items() if k != "trim_offsets")
+    )
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into parts of about ``max_chars`` at spaces between two non-spaces.
+
+    The GPT-2 pre-tokenizer (``' ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+'``) starts a
+    new pre-token at such a space whatever follows or precedes, and BPE never merges across
+    pre-tokens, so encoding the parts one by one gives the ids of the whole text, with memory
+    bounded by ``max_chars`` instead of the document (the Rust tokenizer needs ~450 bytes per
+    token). A stretch without such a space longer than ``max_chars`` stays in one part.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    parts, start = [], 0
+    while len(text) - start > max_chars:
+        cut = None
+        for m in _SAFE_CUT.finditer(text, start + max_chars // 2, start + max_chars + 1):  # the last one
+            cut = m.start()
+        if cut is None:  # no safe space in the second half of the window: look further on
+            m = _SAFE_CUT.search(text, start + max_chars)
+            if m is None:
+                break
+            cut = m.start()
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts

@@ -1,10 +1,22 @@
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
 from distllm.errors import ConfigError, DataError
-from distllm.tokenizer import EOT, eot_id, fingerprint, load_tokenizer, save_tokenizer, train_tokenizer
+from distllm.tokenizer import (
+    EOT,
+    eot_id,
+    fingerprint,
+    load_tokenizer,
+    parse_tokenizer,
+    save_tokenizer,
+    split_long,
+    splits_exactly,
+    train_tokenizer,
+)
 
 TRICKY = [
     "👩‍👩‍👧", "🦙", "日本語", "中文", "한국어", "e\u0301", "a\u0308\u0323", "\u200b", "\u200d", "\ufeff", "\x00",
@@ -74,3 +86,37 @@ def test_load_tokenizer_errors_name_the_file(tmp_path):
 def test_vocab_too_small_for_the_byte_alphabet():
     with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
         train_tokenizer(["some text"], vocab_size=100)
+
+
+WORDS = [" ", "  ", " x", "\n", "word ", "12 ", "'s ", "(", "é "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.lists(st.one_of(st.text(), st.sampled_from(TRICKY + WORDS))).map("".join),
+    max_chars=st.integers(1, 40),
+)
+def test_long_documents_split_into_parts_with_the_same_ids(tok, text, max_chars):
+    """``split_long`` cuts only where the byte-level pre-tokenizer starts a new piece anyway."""
+    parts = split_long(text, max_chars)
+    assert "".join(parts) == text
+    ids = [i for part in parts for i in tok.encode(part, add_special_tokens=False).ids]
+    assert ids == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_split_long_bounds_the_parts(texts):
+    text = " ".join(texts)
+    parts = split_long(text, 1000)
+    assert "".join(parts) == text and len(parts) > len(text) // 1000
+    assert all(len(p) <= 1000 for p in parts)
+    assert split_long("x" * 50, 10) == ["x" * 50]  # no space to cut at: one part
+
+
+def test_splits_exactly_only_for_gpt2_byte_level(tok):
+    assert splits_exactly(tok)
+    spec = json.loads(tok.to_str())
+    spec["normalizer"] = {"type": "NFC"}
+    assert not splits_exactly(parse_tokenizer(json.dumps(spec), "edited"))
+    spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    assert not splits_exactly(parse_tokenizer(json.dumps(spec), "edited"))

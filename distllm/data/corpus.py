@@ -1,34 +1,41 @@
-"""Read a corpus into a ``datasets.Dataset`` of documents (one column, ``text``).
+"""Corpus sources, read as a stream of documents in a fixed order, cut into independent pieces.
 
 ``data.source`` is one of:
 
 * ``python-stdlib``: the ``.py`` files of the running interpreter's standard library (no
   site-packages, no test directories), one document per file, in sorted path order;
 * a local file, directory (searched recursively, hidden entries skipped) or glob of ``.txt``
-  (one document per file), ``.jsonl``/``.json`` or ``.parquet`` files (one document per row,
-  text in ``data.text_field``);
+  (one document per file), ``.jsonl``/``.json`` (one document per line or per element of a
+  top-level array) or ``.parquet`` files (one document per row), text in ``data.text_field``;
 * otherwise a Hugging Face dataset name (``hf:NAME`` or ``NAME``) with ``data.hf_config`` and
-  ``data.hf_split``. With ``data.max_documents`` set, only that many documents are streamed
-  instead of downloading the whole dataset.
+  ``data.hf_split``, read with ``datasets``' ``streaming=True`` and spooled to local JSON-lines
+  files (``spool_hub``), which are then read like a local corpus.
 
-The result is memory-mapped Arrow (``datasets`` converts local files once and caches them under
-``HF_DATASETS_CACHE``, keyed by path and modification time, so edited files are re-read).
-Documents without any non-whitespace character are dropped; ``data.max_documents`` keeps the
-first N remaining ones.
+Files are never loaded as a whole corpus. ``plan_pieces`` cuts the sorted file list into
+``Piece``s of about ``piece_bytes`` each (small files grouped, large ``.jsonl`` files cut at
+byte offsets, ``.parquet`` files at row groups) and ``read_piece`` streams one piece's documents,
+so workers can read pieces independently and the corpus order is (piece, position in piece).
+Memory is bounded by a piece's batch of lines or rows, and by the largest single document
+(a ``.txt`` file or a ``.json`` array file is read whole).
+
+Input that is not text is reported, never tokenized: ``read_piece`` yields a ``Bad`` record
+instead of the text for a file (``.txt``) or record (``.jsonl``/``.json``/``.parquet``) with
+NUL bytes or bytes that are not UTF-8. Malformed JSON, a missing ``data.text_field`` or a field
+holding something other than text are errors naming the file.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
-from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-import datasets
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distllm.config import DataConfig
@@ -36,29 +43,55 @@ from distllm.errors import DataError
 
 STDLIB = "python-stdlib"
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-"""Local file suffix -> ``datasets`` builder."""
+KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+"""Local file suffix -> how it is read."""
+FAMILIES = {"text": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}
+"""Kinds that may be mixed in one corpus (``.json`` with ``.jsonl``)."""
+PARQUET_BATCH_ROWS = 1024
 
 
-def load_corpus(cfg: DataConfig) -> datasets.Dataset:
-    """All non-empty documents of ``cfg.source`` (at most ``cfg.max_documents``), column ``text``."""
-    if cfg.source == STDLIB:
-        origin = f"{STDLIB} ({stdlib_dir()})"
-        ds = _load_files(stdlib_files(), "text", "text", origin)
-    elif (files := local_files(cfg.source)) is not None:
-        origin = cfg.source
-        ds = _load_files(files, _builder(files, cfg.source), cfg.text_field, origin)
-    else:
-        origin = f"Hugging Face dataset '{_hub_name(cfg.source)}'"
-        ds = _load_hub(cfg)
-    keep = _nonempty_indices(ds)
-    if cfg.max_documents is not None:
-        keep = keep[: cfg.max_documents]
-    if len(keep) == 0:
-        raise DataError(f"corpus {origin} is empty: it has no document with non-whitespace text (data.source)")
-    if len(keep) < len(ds):
-        ds = ds.select(keep)
-    return ds
+class FileInfo(NamedTuple):
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class Span(NamedTuple):
+    """Part of one file: bytes ``[start, stop)`` (``text``/``json``: the whole file), or row groups
+    ``[start, stop)`` (``parquet``). A ``jsonl`` line belongs to the span holding its first byte."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+
+
+class Piece(NamedTuple):
+    """A unit of work: consecutive spans of the corpus, about ``piece_bytes`` of input."""
+
+    index: int
+    spans: tuple[Span, ...]
+    nbytes: int
+
+
+class Bad(NamedTuple):
+    """A file or record that is not text (yielded instead of its text)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A local corpus: its files (sorted), how to name it in messages, and its text field."""
+
+    origin: str
+    files: tuple[FileInfo, ...]
+    text_field: str
+
+    def describe(self) -> list:
+        """What identifies the corpus content: every file's path, size and modification time."""
+        return [list(f) for f in self.files]
 
 
 # --------------------------------------------------------------------------- sources
@@ -88,9 +121,7 @@ def local_files(source: str) -> list[str] | None:
         files = sorted(
             str(f)
             for f in path.rglob("*")
-            if f.is_file()
-            and f.suffix in BUILDERS
-            and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            if f.is_file() and f.suffix in KINDS and not any(part.startswith(".") for part in f.relative_to(path).parts)
         )
         if not files:
             raise DataError(f"no {_suffixes()} files in corpus directory {path} (data.source)")
@@ -100,75 +131,293 @@ def local_files(source: str) -> list[str] | None:
         if not files:
             raise DataError(f"no files match the corpus pattern {source} (data.source)")
         return files
-    if path.suffix in BUILDERS or source.startswith(("/", ".", "~")):
+    if path.suffix in KINDS or source.startswith(("/", ".", "~")):
         raise DataError(f"corpus not found: {source} (data.source)")
     return None
 
 
-def _suffixes() -> str:
-    return ", ".join(BUILDERS)
+def is_hub(source: str) -> bool:
+    return source != STDLIB and local_files(source) is None
 
 
-def _builder(files: list[str], source: str) -> str:
-    suffixes = sorted({Path(f).suffix for f in files})
-    unknown = [s for s in suffixes if s not in BUILDERS]
-    if unknown:
-        raise DataError(
-            f"corpus {source} has unsupported file type {unknown[0] or '(none)'}; use {_suffixes()} (data.source)"
-        )
-    builders = {BUILDERS[s] for s in suffixes}
-    if len(builders) > 1:
-        raise DataError(f"corpus {source} mixes {', '.join(suffixes)} files; point data.source at one kind")
-    return builders.pop()
-
-
-def _load_files(files: list[str], builder: str, field: str, origin: str) -> datasets.Dataset:
-    if builder != "text":
-        files = [f for f in files if os.path.getsize(f) > 0]  # the json builder fails on empty files
-        if not files:
-            raise DataError(f"corpus {origin} is empty: its files have no data (data.source)")
-    kwargs: dict = {}
-    if builder == "text":
-        kwargs = {"sample_by": "document", "encoding_errors": "replace"}  # non-UTF-8 bytes -> U+FFFD
-    elif builder == "parquet":
-        names = pq.read_schema(files[0]).names
-        if field not in names:
-            raise _missing_field(field, names, files[0] if len(files) == 1 else f"{origin} ({files[0]})")
-        kwargs = {"columns": [field]}
-    try:
-        with _quiet_datasets():  # converting local files is quick; its "Downloading data" bar only confuses
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-    except Exception as e:  # malformed JSON/Parquet surfaces as many different exception types
-        while e.__cause__ is not None:  # DatasetGenerationError wraps the informative parser error
-            e = e.__cause__
-        raise DataError(f"could not read corpus {origin}: {_first_line(e)}") from None
-    return _text_column(ds, "text" if builder == "text" else field, origin)
-
-
-def _hub_name(source: str) -> str:
+def hub_name(source: str) -> str:
     return source[3:] if source.startswith("hf:") else source
 
 
-def _load_hub(cfg: DataConfig) -> datasets.Dataset:
-    name = _hub_name(cfg.source)
-    origin = f"Hugging Face dataset '{name}'"
-    try:
-        if cfg.max_documents is None:
-            ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split)
-        else:  # stream only the first documents instead of downloading everything
-            stream = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
-            texts = []
-            for row in stream:
-                if cfg.text_field not in row:
-                    raise _missing_field(cfg.text_field, list(row), origin)
-                text = row[cfg.text_field]
-                if isinstance(text, str) and text.strip():
-                    texts.append(text)
-                    if len(texts) >= cfg.max_documents:
-                        break
-            ds = datasets.Dataset.from_dict(
-                {cfg.text_field: texts}, features=datasets.Features({cfg.text_field: datasets.Value("string")})
+def local_source(cfg: DataConfig) -> Source:
+    """The local corpus ``cfg.source`` names (``python-stdlib`` or a path); checked up front:
+    suffixes, kinds not mixed, Parquet schemas holding the text field."""
+    if cfg.source == STDLIB:
+        return Source(f"{STDLIB} ({stdlib_dir()})", tuple(_stat(f) for f in stdlib_files()), "text")
+    files = local_files(cfg.source)
+    if files is None:
+        raise ValueError(f"{cfg.source} is not a local corpus")
+    _check_kinds(files, cfg.source)
+    for f in files:
+        if kind_of(f) == "parquet":
+            _check_parquet_field(f, cfg.text_field)
+    return Source(cfg.source, tuple(_stat(f) for f in files), cfg.text_field)
+
+
+def kind_of(path: str) -> str:
+    """How a corpus file is read; files of other suffixes named explicitly read as ``text``."""
+    return KINDS.get(Path(path).suffix, "text")
+
+
+def _stat(path: str) -> FileInfo:
+    st = os.stat(path)
+    return FileInfo(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _suffixes() -> str:
+    return ", ".join(KINDS)
+
+
+def _check_kinds(files: list[str], source: str) -> None:
+    suffixes = sorted({Path(f).suffix for f in files})
+    if len(files) > 1:  # a single file is read as text whatever its name; several must be known kinds
+        unknown = [s for s in suffixes if s not in KINDS]
+        if unknown:
+            raise DataError(
+                f"corpus {source} has unsupported file type {unknown[0] or '(none)'}; use {_suffixes()} (data.source)"
             )
+    families = {FAMILIES[kind_of(f)] for f in files}
+    if len(families) > 1:
+        raise DataError(f"corpus {source} mixes {', '.join(suffixes)} files; point data.source at one kind")
+
+
+def _check_parquet_field(path: str, field: str) -> None:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"could not read corpus {path}: {_first_line(e)}") from None
+    if field not in schema.names:
+        raise _missing_field(field, schema.names, path)
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"field '{field}' in {path} holds {kind}, not text; set data.text_field")
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def plan_pieces(files: tuple[FileInfo, ...] | list[FileInfo], piece_bytes: int) -> list[Piece]:
+    """Cut the files, in order, into pieces of about ``piece_bytes`` (a deterministic function of
+    the file list and ``piece_bytes``); empty files are left out."""
+    pieces: list[Piece] = []
+    spans: list[Span] = []
+    size = 0
+    for f in files:
+        for span, nbytes in _units(f, piece_bytes):
+            spans.append(span)
+            size += nbytes
+            if size >= piece_bytes:
+                pieces.append(Piece(len(pieces), tuple(spans), size))
+                spans, size = [], 0
+    if spans:
+        pieces.append(Piece(len(pieces), tuple(spans), size))
+    return pieces
+
+
+def _units(f: FileInfo, piece_bytes: int) -> Iterator[tuple[Span, int]]:
+    kind = kind_of(f.path)
+    if f.size == 0:
+        return
+    if kind == "jsonl":
+        for start in range(0, f.size, piece_bytes):
+            stop = min(start + piece_bytes, f.size)
+            yield Span(f.path, kind, start, stop), stop - start
+    elif kind == "parquet":
+        meta = pq.ParquetFile(f.path).metadata
+        first, size = 0, 0
+        for g in range(meta.num_row_groups):
+            size += meta.row_group(g).total_byte_size
+            if size >= piece_bytes or g == meta.num_row_groups - 1:
+                yield Span(f.path, kind, first, g + 1), size
+                first, size = g + 1, 0
+    else:
+        yield Span(f.path, kind, 0, f.size), f.size
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def read_piece(piece: Piece, text_field: str = "text") -> Iterator[str | Bad]:
+    """The documents of ``piece`` in order: their text (possibly empty), or ``Bad`` for input that is not text."""
+    for span in piece.spans:
+        if span.kind == "text":
+            yield _read_text_file(span.path)
+        elif span.kind == "jsonl":
+            yield from _read_jsonl(span, text_field)
+        elif span.kind == "json":
+            yield from _read_json_file(span.path, text_field)
+        else:
+            yield from _read_parquet(span, text_field)
+
+
+def _decode(data: bytes, path: str) -> str | Bad:
+    if b"\0" in data:
+        return Bad(path, "binary (NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Bad(path, "not UTF-8")
+
+
+def _read_text_file(path: str) -> str | Bad:
+    with open(path, "rb") as f:
+        return _decode(f.read(), path)
+
+
+def _read_jsonl(span: Span, field: str) -> Iterator[str | Bad]:
+    with open(span.path, "rb") as f:
+        if span.start > 0:
+            f.seek(span.start - 1)
+            f.readline()  # the line under way at ``start`` belongs to the previous span
+        while f.tell() < span.stop:
+            offset = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            yield from _json_line(line, span.path, offset, field)
+
+
+def _json_line(line: bytes, path: str, offset: int, field: str) -> Iterator[str | Bad]:
+    if not line.strip():
+        return
+    text = _decode(line, path)
+    if isinstance(text, Bad):
+        yield text
+        return
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"could not read corpus {path}: JSON parse error at byte {offset + e.pos}: {e.msg}") from None
+    yield _field(row, path, field)
+
+
+def _read_json_file(path: str, field: str) -> Iterator[str | Bad]:
+    """A ``.json`` file holds one top-level array of objects, or JSON lines."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.lstrip().startswith(b"["):
+        offset = 0
+        for line in data.splitlines(keepends=True):
+            yield from _json_line(line, path, offset, field)
+            offset += len(line)
+        return
+    text = _decode(data, path)
+    if isinstance(text, Bad):
+        yield text
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"could not read corpus {path}: JSON parse error at byte {e.pos}: {e.msg}") from None
+    for row in rows:
+        yield _field(row, path, field)
+
+
+def _field(row: object, path: str, field: str) -> str | Bad:
+    if not isinstance(row, dict):
+        raise DataError(f"could not read corpus {path}: expected JSON objects with a '{field}' field, got {row!r:.40}")
+    if field not in row:
+        raise _missing_field(field, list(row), path)
+    value = row[field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"field '{field}' in {path} holds {type(value).__name__}, not text; set data.text_field")
+    return _checked_str(value, path)
+
+
+def _checked_str(value: str, path: str) -> str | Bad:
+    if "\0" in value:
+        return Bad(path, "binary (NUL characters)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return Bad(path, "not UTF-8 (lone surrogates)")
+    return value
+
+
+def _read_parquet(span: Span, field: str) -> Iterator[str | Bad]:
+    pf = pq.ParquetFile(span.path)
+    groups = range(span.start, span.stop)
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[field]):
+        column = batch.column(0)
+        try:
+            values = column.to_pylist()
+        except UnicodeDecodeError:  # Arrow strings that are not UTF-8: check row by row
+            values = [_arrow_value(column, i, span.path) for i in range(len(column))]
+        for value in values:
+            yield "" if value is None else value if isinstance(value, Bad) else _checked_str(value, span.path)
+
+
+def _arrow_value(column: pa.Array, i: int, path: str) -> str | Bad | None:
+    try:
+        return column[i].as_py()
+    except UnicodeDecodeError:
+        return Bad(path, "not UTF-8")
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+def spool_hub(cfg: DataConfig, spool_dir: Path, file_bytes: int) -> list[FileInfo]:
+    """Stream ``cfg.source`` from the Hub (``streaming=True``) into JSON-lines files of about
+    ``file_bytes`` in ``spool_dir`` (field ``text``); resumable: complete files are kept and the
+    stream skips the rows they hold. With ``cfg.max_documents``, stop after that many non-empty texts."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    progress_path = spool_dir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"files": 0, "rows": 0, "docs": 0}
+    for tmp in spool_dir.glob("*.tmp"):
+        tmp.unlink()
+    if not progress.get("done"):
+        _spool(cfg, spool_dir, file_bytes, progress, progress_path)
+    return [_stat(str(spool_dir / f"{i:06d}.jsonl")) for i in range(progress["files"])]
+
+
+def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, progress_path: Path) -> None:
+    name = hub_name(cfg.source)
+    origin = f"Hugging Face dataset '{name}'"
+    out, size, rows, docs = None, 0, progress["rows"], progress["docs"]
+
+    def commit(done: bool) -> None:
+        nonlocal out, size
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            os.replace(spool_dir / f"{progress['files']:06d}.tmp", spool_dir / f"{progress['files']:06d}.jsonl")
+            progress["files"] += 1
+            out, size = None, 0
+        progress.update(rows=rows, docs=docs, done=done)
+        tmp = progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, progress_path)
+
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        if rows:
+            stream = stream.skip(rows)
+        for row in stream:
+            if cfg.text_field not in row:
+                raise _missing_field(cfg.text_field, list(row), origin)
+            text = row[cfg.text_field]
+            if out is None:
+                out = open(spool_dir / f"{progress['files']:06d}.tmp", "w", encoding="utf-8")
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            out.write(line)
+            size += len(line)
+            rows += 1
+            docs += isinstance(text, str) and not text.isspace() and text != ""
+            if cfg.max_documents is not None and docs >= cfg.max_documents:
+                break
+            if size >= file_bytes:
+                commit(done=False)
     except DataError:
         raise
     except Exception as e:  # ConnectionError, DatasetNotFoundError, bad config/split names, HTTP errors ...
@@ -177,50 +426,32 @@ def _load_hub(cfg: DataConfig) -> datasets.Dataset:
             f"could not load Hugging Face dataset '{name}' ({where}) and data.source is not a local path: "
             f"{type(e).__name__}: {_first_line(e)} (offline? use a local path)"
         ) from None
-    return _text_column(ds, cfg.text_field, origin)
+    commit(done=True)
 
 
-# --------------------------------------------------------------------------- columns and rows
+# --------------------------------------------------------------------------- convenience
 
 
-def _missing_field(field: str, names: list[str], origin: str) -> DataError:
+def load_corpus(cfg: DataConfig) -> Iterator[str]:
+    """The non-empty text documents of a local ``cfg.source`` in corpus order (at most
+    ``cfg.max_documents``), streamed; input that is not text is left out."""
+    source = local_source(cfg)
+    count = 0
+    for piece in plan_pieces(source.files, 1 << 26):
+        for doc in read_piece(piece, source.text_field):
+            if isinstance(doc, Bad) or not doc or doc.isspace():
+                continue
+            if cfg.max_documents is not None and count >= cfg.max_documents:
+                return
+            count += 1
+            yield doc
+
+
+def _missing_field(field: str, names: list, origin: str) -> DataError:
     return DataError(
         f"field '{field}' not found in {origin} (it has: {', '.join(map(str, names)) or 'no fields'}); "
         "set data.text_field"
     )
-
-
-def _text_column(ds: datasets.Dataset, field: str, origin: str) -> datasets.Dataset:
-    """Keep only ``field``, checked to hold text, renamed to ``text``."""
-    if field not in ds.column_names:
-        raise _missing_field(field, ds.column_names, origin)
-    feature = ds.features[field]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise DataError(f"field '{field}' in {origin} holds {feature}, not text; set data.text_field")
-    ds = ds.select_columns([field])
-    return ds.rename_column(field, "text") if field != "text" else ds
-
-
-def _nonempty_indices(ds: datasets.Dataset) -> np.ndarray:
-    """Row indices of documents that contain a non-whitespace character (vectorized, batch by batch)."""
-    keep, offset = [], 0
-    for batch in ds.with_format("arrow").iter(batch_size=10_000):
-        column: pa.ChunkedArray | pa.Array = batch["text"]
-        mask = pc.fill_null(pc.match_substring_regex(column, r"\S"), False)
-        keep.append(np.flatnonzero(mask.to_numpy(zero_copy_only=False)) + offset)
-        offset += len(column)
-    return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
-
-
-@contextmanager
-def _quiet_datasets():
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
 
 
 def _first_line(e: BaseException) -> str:

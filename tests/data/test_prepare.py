@@ -1,3 +1,9 @@
+"""``distllm prepare``: what the shards hold, the split, the sources, and corpus errors.
+
+Resume after an interruption: test_prepare_resume.py; refusals, not-text input and dedup:
+test_prepare_safety.py; object-storage output: test_prepare_s3.py.
+"""
+
 import json
 import os
 import time
@@ -6,52 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prepared import corpus_texts, decoded_documents, expected_split, file_bytes, make_config, stream
 
 import distllm.data.prepare as prepare_module
-from distllm.config import from_dict
+import distllm.data.workers as workers_module
+from distllm.data import dedup
 from distllm.data.corpus import load_corpus, stdlib_files
-from distllm.data.prepare import prepare, split_documents
-from distllm.data.shards import HEADER_SIZE, open_shard, read_header, read_manifest, verify
+from distllm.data.prepare import prepare
+from distllm.data.shards import HEADER_SIZE, read_header, read_manifest, verify
 from distllm.errors import DataError
-from distllm.tokenizer import EOT, load_tokenizer
 
 
-def make_config(source, data_dir, **data):
-    return from_dict(
-        {
-            "data": {"source": str(source), "dir": str(data_dir), "val_fraction": 0.1, **data},
-            "tokenizer": {"vocab_size": 300},
-            "logging": {"progress": False},
-        }
-    )
-
-
-def stream(data_dir, split):
-    manifest = read_manifest(data_dir)
-    return np.concatenate([open_shard(data_dir / s["file"]) for s in manifest["splits"][split]["shards"]])
-
-
-def decoded_documents(data_dir, split):
-    """Decode a split's token stream back into its documents (split at EOT)."""
-    tok = load_tokenizer(data_dir / "tokenizer.json")
-    tokens = stream(data_dir, split).tolist()
-    eot = tok.token_to_id(EOT)
-    assert tokens[-1] == eot
-    docs, current = [], []
-    for t in tokens:
-        if t == eot:
-            docs.append(tok.decode(current))
-            current = []
-        else:
-            current.append(t)
-    return docs
-
-
-def corpus_texts(corpus_dir):
-    return [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt"))]
-
-
-def test_manifest_counts_match_the_shards(prepared_data):
+def test_manifest_counts_match_the_shards(prepared_data, tiny_corpus):
     manifest = verify(prepared_data, check_hashes=True)
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 512
     for split in ("train", "val"):
@@ -63,50 +35,89 @@ def test_manifest_counts_match_the_shards(prepared_data):
         assert len(tokens) == entry["num_tokens"]
         # one EOT per document, even though one document contains the text "<|endoftext|>"
         assert (tokens == manifest["tokenizer"]["eot_id"]).sum() == entry["num_documents"]
-    assert manifest["splits"]["train"]["num_documents"] + manifest["splits"]["val"]["num_documents"] == 40
-    assert manifest["splits"]["val"]["num_documents"] == 4
+    train, val = expected_split(corpus_texts(tiny_corpus))
+    assert manifest["splits"]["train"]["num_documents"] == len(train) == 40 - len(val)
+    assert manifest["splits"]["val"]["num_documents"] == len(val) >= 1
+    assert manifest["prepare"]["documents"] == 40 and manifest["prepare"]["not_text"]["count"] == 0
+    assert not (prepared_data / ".prepare").exists()  # the work directory is removed when done
 
 
 def test_streams_decode_to_the_documents(prepared_data, tiny_corpus):
+    train, val = expected_split(corpus_texts(tiny_corpus))
+    assert decoded_documents(prepared_data, "train") == train
+    assert decoded_documents(prepared_data, "val") == val
+    assert not set(train) & set(val)
+
+
+def test_split_depends_on_each_text_alone(prepared_data, tiny_corpus, tmp_path):
+    """A document's split does not depend on the other documents, their order or their number."""
     texts = corpus_texts(tiny_corpus)
-    is_val = split_documents(len(texts), 0.1)
-    assert decoded_documents(prepared_data, "train") == [t for t, v in zip(texts, is_val) if not v]
-    assert decoded_documents(prepared_data, "val") == [t for t, v in zip(texts, is_val) if v]
-    assert not set(decoded_documents(prepared_data, "train")) & set(decoded_documents(prepared_data, "val"))
+    _, val = expected_split(texts)
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    kept = texts[::2] + [v for v in val if v not in texts[::2]]  # every val document and half of the rest
+    for i, text in enumerate(reversed(kept)):  # another order, other names
+        (subset / f"{i:03d}.txt").write_text(text, encoding="utf-8")
+    prepare(make_config(subset, tmp_path / "out", tokenizer={"vocab_size": 512}))
+    assert sorted(decoded_documents(tmp_path / "out", "val")) == sorted(val)
 
 
-def test_split_is_deterministic_and_bounded():
-    np.testing.assert_array_equal(split_documents(1000, 0.01), split_documents(1000, 0.01))
-    assert split_documents(1000, 0.01).sum() == 10
-    assert split_documents(2, 0.01).sum() == 1  # at least one val document
-    assert split_documents(3, 0.9).sum() == 2  # at least one train document
-    with pytest.raises(DataError, match="at least 2"):
-        split_documents(1, 0.1)
+def test_split_threshold_keeps_both_splits_non_empty():
+    base = dedup.base_threshold(0.1)
+    assert dedup.split_threshold(0.1, 3, 40, 5, 2**64 - 9, "c") == base
+    assert dedup.split_threshold(0.1, 0, 40, 2**63, 2**64 - 9, "c") == 2**63 + 1  # smallest hash -> val
+    assert dedup.split_threshold(0.9, 3, 3, 5, 2**60, "c") == 2**60  # largest hash -> train
+    with pytest.raises(DataError, match="has 1 non-empty document; need at least 2"):
+        dedup.split_threshold(0.1, 0, 1, 5, 5, "c")
+    with pytest.raises(DataError, match="only one distinct text"):
+        dedup.split_threshold(0.1, 0, 3, 5, 5, "c")
 
 
-def test_small_shards_and_worker_processes_give_the_same_stream(prepared_data, tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "TASK_BYTES", 4096)  # many tasks, so the worker pool is used
-    cfg = make_config(tiny_corpus, tmp_path / "out", shard_tokens=5000, num_proc=2)
-    cfg.tokenizer.vocab_size = 512
-    manifest = prepare(cfg)
-    shards = manifest["splits"]["train"]["shards"]
-    assert len(shards) > 2 and all(s["num_tokens"] <= 5000 for s in shards)
-    assert [s["file"] for s in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
-    for split in ("train", "val"):
-        np.testing.assert_array_equal(stream(tmp_path / "out", split), stream(prepared_data, split))
-    verify(tmp_path / "out", check_hashes=True)
+def test_two_documents_make_one_train_and_one_val(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("the first document")
+    (tmp_path / "c" / "b.txt").write_text("another one")
+    manifest = prepare(make_config(tmp_path / "c", tmp_path / "out", val_fraction=0.01))
+    assert [manifest["splits"][s]["num_documents"] for s in ("train", "val")] == [1, 1]
 
-    # re-running rebuilds, removing the shards of the previous run
-    cfg.data.shard_tokens = 1_000_000
+
+def test_processes_pieces_and_shard_size_do_not_change_the_stream(prepared_data, tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "MIN_PIECE_BYTES", 4096)  # several pieces, so the worker pool is used
+    builds = {}
+    for num_proc in (1, 2):
+        out = tmp_path / f"out{num_proc}"
+        cfg = make_config(tiny_corpus, out, tokenizer={"vocab_size": 512}, shard_tokens=5000, num_proc=num_proc)
+        manifest = prepare(cfg)
+        shards = manifest["splits"]["train"]["shards"]
+        assert len(shards) > 2 and all(s["num_tokens"] == 5000 for s in shards[:-1])
+        assert [s["file"] for s in shards[:2]] == ["train_000000.bin", "train_000001.bin"]
+        verify(out, check_hashes=True)
+        builds[num_proc] = file_bytes(out)
+        for split in ("train", "val"):  # one piece and 50M-token shards in the fixture: the same stream
+            np.testing.assert_array_equal(stream(out, split), stream(prepared_data, split))
+    assert builds[1] == builds[2]
+
+
+def test_long_documents_are_encoded_in_parts_with_the_same_ids(tmp_path, tiny_corpus, monkeypatch):
+    corpus = tmp_path / "long"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(" ".join(corpus_texts(tiny_corpus)[:8]), encoding="utf-8")  # ~16k characters
+    (corpus / "b.txt").write_text(corpus_texts(tiny_corpus)[-1], encoding="utf-8")
+    cfg = make_config(corpus, tmp_path / "whole")
     prepare(cfg)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "manifest.json", "tokenizer.json", "train_000000.bin", "val_000000.bin"
-    ]  # fmt: skip
+    calls = []
+    original = workers_module.split_long
+    monkeypatch.setattr(workers_module, "split_long", lambda t, n: calls.append(len(t)) or original(t, n))
+    monkeypatch.setattr(workers_module, "LONG_DOC_CHARS", 500)
+    cfg = make_config(corpus, tmp_path / "parts", tokenizer={"path": str(tmp_path / "whole" / "tokenizer.json")})
+    prepare(cfg)
+    assert max(calls) > 10_000 and len(original(" ".join(corpus_texts(tiny_corpus)[:8]), 500)) > 20
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(stream(tmp_path / "parts", split), stream(tmp_path / "whole", split))
 
 
 def test_existing_tokenizer_path(prepared_data, tiny_corpus, tmp_path):
-    cfg = make_config(tiny_corpus, tmp_path / "out")
-    cfg.tokenizer.path = str(prepared_data / "tokenizer.json")
+    cfg = make_config(tiny_corpus, tmp_path / "out", tokenizer={"path": str(prepared_data / "tokenizer.json")})
     manifest = prepare(cfg)
     assert manifest["tokenizer"] == read_manifest(prepared_data)["tokenizer"]
     np.testing.assert_array_equal(stream(tmp_path / "out", "train"), stream(prepared_data, "train"))
@@ -116,7 +127,7 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def test_jsonl_source_with_text_field(tiny_corpus, tmp_path):
+def test_jsonl_source_with_text_field(tiny_corpus, tmp_path, monkeypatch):
     texts = corpus_texts(tiny_corpus)[:12]
     write_jsonl(tmp_path / "a.jsonl", [{"id": i, "body": t} for i, t in enumerate(texts[:6])])
     write_jsonl(
@@ -127,20 +138,36 @@ def test_jsonl_source_with_text_field(tiny_corpus, tmp_path):
     docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
     assert sorted(docs) == sorted(texts)
 
+    # a large .jsonl file is cut at byte offsets into pieces: every line is read exactly once
+    monkeypatch.setattr(prepare_module, "MIN_PIECE_BYTES", 1000)
+    prepare(make_config(tmp_path / "*.jsonl", tmp_path / "pieces", text_field="body", num_proc=2))
+    assert file_bytes(tmp_path / "pieces") == file_bytes(tmp_path / "out")
+
     with pytest.raises(DataError, match=r"field 'content' not found.*a.jsonl.*body.*data.text_field"):
         prepare(make_config(tmp_path / "a.jsonl", tmp_path / "out2", text_field="content"))
     with pytest.raises(DataError, match=r"field 'id'.*not text"):
         prepare(make_config(tmp_path / "a.jsonl", tmp_path / "out2", text_field="id"))
 
 
+def test_json_array_source(tiny_corpus, tmp_path):
+    texts = corpus_texts(tiny_corpus)[:5]
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": t} for t in texts] + [{"text": None}]))
+    manifest = prepare(make_config(tmp_path / "docs.json", tmp_path / "out"))
+    assert manifest["prepare"]["documents"] == 5 and manifest["prepare"]["empty_documents"] == 1
+    docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
+    assert sorted(docs) == sorted(texts)
+
+
 def test_parquet_source_with_text_field(tiny_corpus, tmp_path):
     texts = corpus_texts(tiny_corpus)[:10]
-    pq.write_table(pa.table({"content": texts, "n": list(range(10))}), tmp_path / "docs.parquet")
+    pq.write_table(pa.table({"content": texts, "n": list(range(10))}), tmp_path / "docs.parquet", row_group_size=3)
     manifest = prepare(make_config(tmp_path / "docs.parquet", tmp_path / "out", text_field="content"))
     docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
-    assert sorted(docs) == sorted(texts) and manifest["splits"]["val"]["num_documents"] == 1
+    assert sorted(docs) == sorted(texts) and manifest["prepare"]["documents"] == 10
     with pytest.raises(DataError, match=r"field 'text' not found in .*docs.parquet"):
         prepare(make_config(tmp_path / "docs.parquet", tmp_path / "out"))
+    with pytest.raises(DataError, match=r"field 'n' in .*docs.parquet holds int64, not text"):
+        prepare(make_config(tmp_path / "docs.parquet", tmp_path / "out", text_field="n"))
 
 
 def test_missing_corpus_names_the_path(tmp_path):
@@ -160,6 +187,7 @@ def test_empty_corpus(tmp_path):
     (tmp_path / "corpus" / "b.txt").write_text("  \n\t\n")
     with pytest.raises(DataError, match="corpus .*corpus is empty"):
         prepare(make_config(tmp_path / "corpus", tmp_path / "out"))
+    assert not (tmp_path / "out" / ".prepare").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.md").write_text("not a corpus file")
     with pytest.raises(DataError, match="no .txt, .jsonl, .json, .parquet files in corpus directory .*other"):
@@ -181,27 +209,48 @@ def test_unreachable_hub_dataset(tmp_path):
     assert time.perf_counter() - start < 5  # HF_HUB_OFFLINE: fails at once instead of retrying
 
 
-def test_corpus_edits_are_not_hidden_by_the_datasets_cache(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"{i}.txt").write_text(f"document number {i}")
-    assert load_corpus(make_config(corpus, tmp_path).data)["text"][1] == "document number 1"
-    (corpus / "1.txt").write_text("edited")
-    assert load_corpus(make_config(corpus, tmp_path).data)["text"][1] == "edited"
+def test_hub_dataset_is_streamed_and_spooled(tiny_corpus, tmp_path, monkeypatch):
+    """A Hub dataset is read with streaming=True (here: served by a local JSON-lines stream)."""
+    import datasets
+
+    texts = corpus_texts(tiny_corpus)
+    write_jsonl(tmp_path / "hub.jsonl", [{"body": t} for t in texts])
+    calls = []
+    original = datasets.load_dataset
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return original("json", data_files=str(tmp_path / "hub.jsonl"), split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    manifest = prepare(make_config("hf:someone/corpus", tmp_path / "out", text_field="body", max_documents=30,
+                                   hf_config="en", tokenizer={"vocab_size": 512}))  # fmt: skip
+    assert calls == [("someone/corpus", "en", "train", True)]
+    assert manifest["prepare"]["documents"] == 30
+    docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
+    assert sorted(docs) == sorted(texts[:30])
+    assert not (tmp_path / "out" / ".prepare").exists()  # the spool is removed
 
 
-def test_max_documents_and_non_utf8(tmp_path):
+def test_max_documents(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "MIN_PIECE_BYTES", 4096)
+    manifest = prepare(make_config(tiny_corpus, tmp_path / "out", max_documents=25, num_proc=2))
+    assert manifest["prepare"]["documents"] == 25
+    docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
+    assert sorted(docs) == sorted(corpus_texts(tiny_corpus)[:25])
+
+
+def test_load_corpus_streams_documents(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "0.txt").write_bytes(b"caf\xe9 in latin-1")
-    for i in range(1, 5):
+    for i in range(5):
         (corpus / f"{i}.txt").write_text(f"doc {i}")
+    (corpus / "5.txt").write_text(" \n")
     (corpus / ".hidden.txt").write_text("skipped")
     cfg = make_config(corpus, tmp_path)
-    assert load_corpus(cfg.data)["text"] == ["caf\ufffd in latin-1", "doc 1", "doc 2", "doc 3", "doc 4"]
+    assert list(load_corpus(cfg.data)) == ["doc 0", "doc 1", "doc 2", "doc 3", "doc 4"]
     cfg.data.max_documents = 2
-    assert load_corpus(cfg.data)["text"] == ["caf\ufffd in latin-1", "doc 1"]
+    assert list(load_corpus(cfg.data)) == ["doc 0", "doc 1"]
 
 
 def test_python_stdlib_source():
@@ -210,14 +259,14 @@ def test_python_stdlib_source():
     parts = {part for f in files for part in f.split(os.sep)}
     assert not parts & {"site-packages", "test", "tests", "idle_test"}
     assert any(f.endswith(os.sep + "os.py") for f in files)
-    docs = load_corpus(make_config("python-stdlib", "unused", max_documents=3).data)
-    assert len(docs) == 3 and all(isinstance(t, str) and t.strip() for t in docs["text"])
+    docs = list(load_corpus(make_config("python-stdlib", "unused", max_documents=3).data))
+    assert len(docs) == 3 and all(isinstance(t, str) and t.strip() for t in docs)
 
 
 def test_malformed_or_empty_json(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(DataError, match=r"could not read corpus .*bad.jsonl: JSON parse error"):
-        load_corpus(make_config(tmp_path / "bad.jsonl", tmp_path).data)
+    with pytest.raises(DataError, match=r"could not read corpus .*bad.jsonl: JSON parse error at byte 17"):
+        prepare(make_config(tmp_path / "bad.jsonl", tmp_path / "out"))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"corpus .*empty.jsonl is empty"):
-        load_corpus(make_config(tmp_path / "empty.jsonl", tmp_path).data)
+        prepare(make_config(tmp_path / "empty.jsonl", tmp_path / "out"))
