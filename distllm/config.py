@@ -99,16 +99,6 @@ class DataConfig:
     tokenizer_sample_bytes: int = 1_000_000_000
     """``prepare``: train the tokenizer on at most this much training text: all of it when the corpus
     is smaller, else an equal share of every part of the corpus."""
-    dedup: bool = False
-    """``prepare``: drop exact-duplicate documents (the same text, by 128-bit hash); the first copy in
-    corpus order is kept."""
-    overwrite: bool = False
-    """``prepare``: replace a ``data.dir`` already prepared from other settings or files, and a different
-    tokenizer.json in it (never one that complete checkpoints in ``run.dir`` were trained with).
-    Without it, both are refused."""
-    tokenizer_sample_bytes: int = 1_000_000_000
-    """``prepare``: train the tokenizer on at most this much training text: all of it when the corpus
-    is smaller, else an equal share of every part of the corpus."""
 
 
 @dataclass
@@ -430,7 +420,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "data.seq_len": cfg.data.seq_len,
         **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
         "data.shard_tokens": cfg.data.shard_tokens,
-        "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes,
         "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes,
         "tokenizer.vocab_size": cfg.tokenizer.vocab_size,
         "tokenizer.min_frequency": cfg.tokenizer.min_frequency,
