@@ -35,7 +35,7 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
@@ -197,6 +197,7 @@ class RemoteStore:
         self._known: dict[str, tuple[int, str]] = {}  # cached name -> (size, sha256) checked in this run
         self._fresh: set[str] = set()  # downloaded by read-ahead, not yet asked for
         self._downloaded: set[str] = set()  # downloaded in this run
+        self._closed = False
         self._pool = ThreadPoolExecutor(max(read_ahead, 1), thread_name_prefix="distllm-read-ahead")
 
     def __repr__(self) -> str:
@@ -263,8 +264,8 @@ class RemoteStore:
         if future is not None:
             try:
                 future.result()
-            except DataError:
-                pass  # the read-ahead failed: try once more here, and report that attempt's error
+            except (DataError, CancelledError):
+                pass  # the read-ahead failed (or was dropped by close): try here, and report this attempt's error
         with self._lock:
             known = self._known.get(name)
             trusted = known is not None and (sha256 is not None or name in self._downloaded)
@@ -283,7 +284,7 @@ class RemoteStore:
         for name in names:
             name = _check_name(name)
             with self._lock:
-                if len(self._inflight) >= self.read_ahead:
+                if self._closed or len(self._inflight) >= self.read_ahead:
                     return
                 if name in self._inflight or name in self._known:
                     continue
@@ -361,8 +362,12 @@ class RemoteStore:
         return known
 
     def close(self) -> None:
-        """Stop read-ahead (running downloads finish; queued ones are dropped)."""
+        """Stop read-ahead (running downloads finish; queued ones are dropped). ``local_path`` still works."""
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._inflight.clear()  # finished or cancelled
 
     def __enter__(self) -> "RemoteStore":
         return self
