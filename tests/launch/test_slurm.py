@@ -115,9 +115,7 @@ def test_usr1_reaches_every_rank_through_torchrun_and_the_job_requeues(slurm, tm
     args = (probe / "args.0.0").read_text()
     assert args == "train run.yaml --checkpoint.resume_from=latest --train.max_steps=7"
 
-    # Slurm holds a requeued job for 120 s (BeginTime); release it now and let it finish.
-    slurm.wait(job_id, lambda j: j["JobState"] == "PENDING", timeout=30)
-    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    slurm.release_requeued(job_id)  # instead of waiting out Slurm's 120 s hold
     job = slurm.wait(job_id, finished, timeout=120)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", logs(tmp_path)
     assert (probe / "args.1.0").read_text() == args and (probe / "args.1.1").exists()
@@ -150,8 +148,7 @@ def test_usr1_saves_on_both_ranks_requeues_and_the_job_resumes_to_the_end(slurm,
     assert (saved / "rng-rank00000.json").is_file() and (saved / "rng-rank00001.json").is_file()  # both ranks saved
     assert "requeueing job" in logs(tmp_path)
 
-    slurm.wait(job_id, lambda j: j["JobState"] == "PENDING", timeout=30)
-    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip Slurm's 120 s requeue hold
+    slurm.release_requeued(job_id)  # instead of waiting out Slurm's 120 s hold
     job = slurm.wait(job_id, finished, timeout=180)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", logs(tmp_path)
     assert f"resumed from {saved} at step {step}" in node_log.read_text(), logs(tmp_path)
