@@ -127,9 +127,9 @@ def test_usr1_saves_on_both_ranks_requeues_and_the_job_resumes_to_the_end(slurm,
     itself -> the requeued run resumes from that checkpoint and finishes."""
     config = tmp_path / "tiny.yaml"
     save_config(tiny_config, config)
-    max_steps = 100
+    max_steps = 200
     job_id = submit(slurm, tmp_path, str(config), "--train.micro_batch_size=2", f"--train.max_steps={max_steps}",
-                    "--train.eval_every=0", "--logging.log_every=2")
+                    "--train.eval_every=0", "--logging.log_every=1")
     run_dir = Path(tiny_config.run.dir)
 
     deadline = time.monotonic() + 120  # wait until it is training (a few steps logged), then signal
