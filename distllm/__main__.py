@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _config_parser("prepare", sub, "train a tokenizer and write token shards",
-                   "Read the corpus (data.source), train a byte-level BPE tokenizer (or load tokenizer.path), "
-                   "tokenize with all cores and write train/val shards and manifest.json to data.dir.")
+                   "Stream the corpus (data.source) with all cores (data.num_proc), train a byte-level BPE "
+                   "tokenizer on a sample (or load tokenizer.path), and write train/val shards, tokenizer.json and, "
+                   "last, manifest.json to data.dir (a directory or an fsspec URL such as s3://bucket/prefix). "
+                   "Input that is not UTF-8 text is reported and skipped; data.dedup=true drops exact duplicates. "
+                   "Interrupted? Run the same command again to finish. A data.dir prepared from other settings "
+                   "is only replaced with --data.overwrite=true.")
     _config_parser("train", sub, "pretrain a model",
                    "Train the model described by the config on the shards in data.dir; logs, TensorBoard events "
                    "and checkpoints go to run.dir. Continue a run with --checkpoint.resume_from=latest.")

@@ -87,8 +87,8 @@ class DataConfig:
     max_documents: Optional[int] = None
     """Use at most this many documents of the corpus (None = all)."""
     num_proc: Optional[int] = None
-    """Tokenizer worker processes. None or 1: one process, the Rust tokenizer's threads on all cores
-    (fastest on small machines); k > 1: k single-threaded processes (scales on many cores)."""
+    """``prepare`` processes. None: one per CPU core; 1: the main process alone, with the Rust tokenizer's
+    threads on all cores; k > 1: k single-threaded worker processes. The output does not depend on it."""
     dedup: bool = False
     """``prepare``: drop exact-duplicate documents (the same text, by 128-bit hash); the first copy in
     corpus order is kept."""

@@ -102,10 +102,10 @@ def prepare(cfg: Config) -> dict:
     existing = _read_manifest(out)
     if existing is not None and not d.overwrite:
         if existing.get("prepare", {}).get("key") != key:
+            made = "by an older distllm" if "prepare" not in existing else "from other settings or corpus files"
             raise DataError(
                 f"data.dir {out} already holds a prepared dataset ({MANIFEST}, from {existing.get('source')}) made "
-                "from other settings or another version of the corpus; set data.overwrite=true to replace it, "
-                "or choose another data.dir"
+                f"{made}; set data.overwrite=true to replace it, or choose another data.dir"
             )
         log.info("%s is already prepared from this corpus with these settings; nothing to do", out)
         shutil.rmtree(work, ignore_errors=True)  # left behind if a build stopped after its manifest
