@@ -76,3 +76,17 @@ def test_fused_by_default_on_cpu_and_overridable():
     model = torch.nn.Linear(3, 3)
     assert build_optimizer(model, OptimConfig(), "cpu").defaults["fused"] is True
     assert not build_optimizer(model, OptimConfig(fused=False), "cpu").defaults["fused"]
+
+
+def test_zero3_placeholders_are_grouped_by_their_real_shape():
+    """Under ZeRO-3 (zero.Init) a parameter is an empty 1-D placeholder; its shape is in ds_shape. Grouping
+    by the placeholder's dim put every matrix in the no-decay group: training silently lost weight decay."""
+    from distllm.optim import param_groups
+
+    matrix, vector = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
+    matrix.ds_shape, vector.ds_shape = torch.Size([8, 4]), torch.Size([8])
+    model = torch.nn.Module()
+    model.register_parameter("w", matrix)
+    model.register_parameter("g", vector)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [matrix] and no_decay["params"] == [vector]
