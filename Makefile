@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	$(BIN)/distllm prepare $(CONFIG)
-	$(BIN)/distllm train $(CONFIG) --checkpoint.resume_from=latest
-	$(BIN)/distllm eval $(CONFIG)
+	$(BIN)/distllm train $(CONFIG)
+	$(BIN)/distllm eval $(RUN)
 	$(BIN)/distllm plot $(RUN)
-	$(BIN)/distllm generate $(CONFIG) --prompt "def " --max-new-tokens 120
+	$(BIN)/distllm generate $(RUN) --prompt "def " --max-new-tokens 120
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
