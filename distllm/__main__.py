@@ -171,7 +171,8 @@ def _run(args, extra: list[str], parser) -> int:
         cfg, target = _saved_config(args.config, extra)
     else:
         cfg = load_config(args.config, extra)
-    cfg.validate()  # single-process check now; train re-checks with the real number of processes
+    # checked now, before anything starts; train uses the launcher's number of processes (torchrun, accelerate)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")) if args.command == "train" else 1)
 
     if args.command == "prepare":
         from distllm.data.prepare import prepare
