@@ -3,9 +3,10 @@
 Reading (``TokenShards``, ``SampleIndex``): a split's shards form one concatenated token stream.
 Sample ``i`` is the window ``[i*T, i*T + T + 1)`` for ``T = seq_len`` (inputs its first T tokens,
 targets its last T), so ``num_samples = (num_tokens - 1) // T``. Start-up reads only the
-manifest and the tokenizer; each shard is opened on first use, after it has been checked against
-the manifest (size, header, sha256, every token id below the vocabulary) -- once per shard per
-run, in background threads that run ahead of the batches that need it.
+manifest and the tokenizer; each shard is checked against the manifest (size, header, sha256,
+every token id below the vocabulary) before its first window is read -- once per shard per run,
+in background threads that run one step ahead of the batches that need it. Windows are read with
+``os.pread`` through a bounded set of open files.
 
 Order (``GlobalOrder``): one optimizer step consumes one *global batch* of G samples. Each source
 (a prepared directory; one, or several mixed by ``data.mix`` weights) walks its samples in the
@@ -34,6 +35,7 @@ import os
 import queue
 import threading
 import weakref
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,9 @@ class TokenShards:
 
     ``vocab_limit``: token ids must be below it (and below the data's own vocabulary).
     ``verify``: check every shard's sha256 and token ids before first use (else only its header
-    and size, and the token ids of each window read).
+    and size, and the token ids of each window read). Windows are read with ``os.pread`` (which
+    releases the GIL while the disk works, so a prefetch thread overlaps the training step) through
+    at most ``max_open_files`` open files (a memory map would hold one per shard for good).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class TokenShards:
         vocab_limit: Optional[int] = None,
         verify: bool = True,
         verify_workers: int = 2,
+        max_open_files: int = 64,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -97,8 +102,10 @@ class TokenShards:
             )
         self._starts = np.cumsum([0] + sizes)  # _starts[k] = stream offset of shard k; _starts[-1] = total
         self.num_tokens = int(self._starts[-1])
-        self._maps: list[Optional[np.ndarray]] = [None] * len(self._entries)
-        self._unopened = len(self._entries)
+        self._sizes = sizes
+        self._paths: list[Optional[Path]] = [None] * len(self._entries)  # set once a shard is verified
+        self._unverified = len(self._entries)
+        self._files = OpenFiles(max_open_files)
         self._futures: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._workers = verify_workers
@@ -114,10 +121,10 @@ class TokenShards:
         ``num_tokens`` and ``sha256``). Object storage plugs in here: fetch into a local cache, return that."""
         return self.data_dir / name
 
-    def _open(self, k: int) -> np.ndarray:
-        """Verify shard ``k`` against the manifest and memory-map its tokens (once per shard per run)."""
+    def _verify(self, k: int) -> Path:
+        """Check shard ``k`` against the manifest (once per shard per run); its local path."""
         path = self._local_file(self._entries[k]["file"], self._entries[k])
-        header = verify_shard(
+        verify_shard(
             path,
             self._entries[k],
             self.fingerprint,
@@ -125,15 +132,10 @@ class TokenShards:
             vocab_limit=self.vocab_limit if self.verify else None,
             check_hash=self.verify,
         )
-        if header.num_tokens == 0:
-            tokens = np.zeros(0, dtype=header.dtype)
-        else:
-            mapped = np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
-            tokens = mapped.view(np.ndarray)  # the same memory map; plain ndarray slicing is several times faster
         with self._lock:
-            self._maps[k] = tokens
-            self._unopened -= 1
-        return tokens
+            self._paths[k] = path
+            self._unverified -= 1
+        return path
 
     def _future(self, k: int) -> Future:
         with self._lock:
@@ -141,23 +143,22 @@ class TokenShards:
             if fut is None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="distllm-verify")
-                fut = self._futures[k] = self._pool.submit(self._open, k)
+                fut = self._futures[k] = self._pool.submit(self._verify, k)
             return fut
 
-    def shard(self, k: int) -> np.ndarray:
-        """Tokens of shard ``k`` (waits for its verification on first use; DataError if it fails)."""
-        tokens = self._maps[k]
-        return tokens if tokens is not None else self._future(k).result()
+    def path(self, k: int) -> Path:
+        """Local path of shard ``k``, once verified (waits for its verification; DataError if it fails)."""
+        path = self._paths[k]
+        return path if path is not None else self._future(k).result()
 
     @property
-    def all_open(self) -> bool:
-        """Every shard verified and mapped."""
-        return self._unopened == 0
+    def all_verified(self) -> bool:
+        return self._unverified == 0
 
     def warm(self, shard_ids: Sequence[int]) -> None:
         """Start verifying these shards in the background (they will be read soon)."""
         for k in shard_ids:
-            if self._maps[k] is None:
+            if self._paths[k] is None:
                 self._future(int(k))
 
     def shards_of(self, starts: np.ndarray, length: int) -> np.ndarray:
@@ -167,7 +168,8 @@ class TokenShards:
         return np.unique(np.concatenate([first, last]))
 
     def close(self) -> None:
-        """Stop background verification (the shards stay readable)."""
+        """Stop background verification and close the open shard files (reading reopens them)."""
+        self._files.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -189,17 +191,13 @@ class TokenShards:
                 f"windows of {length} tokens at {starts} outside the {self.split} stream of {self.num_tokens} tokens"
             )
         ks = np.searchsorted(self._starts, starts, side="right") - 1
+        itemsize = self.dtype.itemsize
         for row, (start, k) in enumerate(zip(starts.tolist(), ks.tolist())):
-            offset = start - int(self._starts[k])
-            tokens = self.shard(k)
-            if offset + length <= len(tokens):  # the common case: inside one shard
-                out[row] = tokens[offset : offset + length]
-                continue
-            filled = 0
-            while filled < length:
-                tokens = self.shard(k)
-                n = min(length - filled, len(tokens) - offset)
-                out[row, filled : filled + n] = tokens[offset : offset + n]
+            offset, filled = start - int(self._starts[k]), 0
+            while filled < length:  # usually one pass; more when the window spans shards
+                n = min(length - filled, self._sizes[k] - offset)
+                raw = self._files.pread(self.path(k), n * itemsize, HEADER_SIZE + offset * itemsize)
+                out[row, filled : filled + n] = np.frombuffer(raw, dtype=self.dtype)
                 filled, offset, k = filled + n, 0, k + 1
         if not self.verify and out.size and int(out.max()) >= self.vocab_limit:
             self._out_of_vocab(starts, out)
@@ -253,6 +251,36 @@ class SampleIndex:
     def warm(self, ids: np.ndarray) -> None:
         """Start verifying the shards that samples ``ids`` need."""
         self.shards.warm(self.shards.shards_of(self.starts(ids), self.seq_len + 1))
+
+
+class OpenFiles:
+    """``pread`` from files kept open, at most ``limit`` at once (the least recently used is closed)."""
+
+    def __init__(self, limit: int = 64):
+        self.limit = max(1, limit)
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def pread(self, path: Path, nbytes: int, offset: int) -> bytes:
+        with self._lock:  # held while reading, so no other thread closes the descriptor meanwhile
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                while len(self._fds) >= self.limit:
+                    os.close(self._fds.popitem(last=False)[1])
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise DataError(f"cannot open shard {path}: {e.strerror}") from None
+            self._fds[path] = fd
+            data = os.pread(fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise DataError(f"shard {path} is shorter than when it was checked (changed during the run?)")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1])
 
 
 # --------------------------------------------------------------------------- the global order
@@ -424,7 +452,7 @@ class _RankBatches:
 
     def _warm(self, ids: np.ndarray) -> None:
         """Start verifying the shards this rank reads in global batch ``ids``."""
-        if all(samples.shards.all_open for samples in self.order.samples):
+        if all(samples.shards.all_verified for samples in self.order.samples):
             return
         mine = ids.reshape(self.accum, self.world_size, self.B)[:, self.rank].reshape(-1)
         src, local = self.order.split(mine)

@@ -1,6 +1,7 @@
 """The training loader: windows over shards, one global order for any number of processes, resumable state."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from distllm.data.shards import read_manifest
 from distllm.errors import ConfigError, DataError
 from distllm.tokenizer import save_tokenizer, train_tokenizer
 from synthetic import make_data_dir
+from synthetic import stream_dir as make_stream_dir
 
 T = 8  # seq_len
 
@@ -44,9 +46,20 @@ def test_windows_span_shards(stream_dir):
     assert shards.num_tokens == 1003 and shards.eot_id == 0 and shards.num_shards == 3
     for start, length in [(0, 1003), (95, 10), (99, 3), (100, 1), (100, 2), (101, 0), (990, 13)]:
         np.testing.assert_array_equal(shards.window(start, length), np.arange(start, start + length))
-    assert all(isinstance(shards.shard(k).base, np.memmap) for k in range(3))  # memory-mapped, not loaded
     with pytest.raises(IndexError):
         shards.window(1000, 4)
+
+
+def test_open_files_are_bounded(tmp_path, prepared_data):
+    """Thousands of shards must not exhaust file descriptors: at most max_open_files stay open."""
+    data = make_stream_dir(tmp_path / "many", prepared_data, 3003, 100)  # 31 shards
+    fds = lambda: sum(1 for f in Path("/proc/self/fd").iterdir() if f.resolve().parent == data)  # noqa: E731
+    shards = TokenShards(data, "train", max_open_files=4)
+    for start in range(0, 2990, 97):  # every shard, some windows spanning two
+        np.testing.assert_array_equal(shards.window(start, 13), np.arange(start, start + 13))
+        assert fds() <= 4
+    shards.close()
+    assert fds() == 0
 
 
 def test_samples_overlap_by_one_token(stream_dir):
