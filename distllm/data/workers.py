@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,7 +123,7 @@ def scan_piece(task: tuple[Piece, int | None]) -> dict:
     docs = empty = bad = nbytes = val = 0
     min_hi, max_hi = 2**64, -1
     examples: list[str] = []
-    entries: list[tuple[int, int, int]] = []
+    entries = array("Q")  # hi, lo, position of each document (24 bytes per document, for dedup)
     for item in usable(piece, _state["field"], limit):
         if item is None:
             empty += 1
@@ -137,11 +138,11 @@ def scan_piece(task: tuple[Piece, int | None]) -> dict:
             val += hi < _state["base"]
             min_hi, max_hi = min(min_hi, hi), max(max_hi, hi)
             if _state["hashes_dir"] is not None:
-                entries.append((hi, lo, item.position))
+                entries.extend((hi, lo, item.position))
     if _state["hashes_dir"] is not None:
         _state["hashes_dir"].mkdir(parents=True, exist_ok=True)
         path = _state["hashes_dir"] / f"{piece.index:06d}.npy"
-        dedup.write_hashes(path, np.array(entries, dtype=np.uint64).reshape(-1, 3))
+        dedup.write_hashes(path, np.frombuffer(entries, dtype=np.uint64).reshape(-1, 3))
     return {"scan": piece.index, "limit": limit, "docs": docs, "empty": empty, "bad": bad, "bad_examples": examples,
             "bytes": nbytes, "val": val, "min_hi": str(min_hi), "max_hi": str(max_hi)}  # fmt: skip
 
