@@ -43,13 +43,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, consume: bool = F
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
-def next_token_loss(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model: torch.nn.Module, window: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of predicting ``window[:, 1:]`` from ``window[:, :-1]``.
 
-    window: (B, T+1) token ids. Logits are upcast to fp32 for the softmax.
+    window: (B, T+1) token ids. Logits are upcast to fp32 for the softmax. ``doc_ids`` (B, T), the
+    document of each input token, keeps attention inside documents (``data.document_mask``).
     """
     inputs, targets = window[:, :-1], window[:, 1:]  # (B, T), (B, T)
-    logits = model(inputs)  # (B, T, V), used only here
+    if doc_ids is None:
+        logits = model(inputs)  # (B, T, V), used only here
+    else:
+        from distllm.data.packing import document_attention_mask
+
+        logits = model(inputs, attn_mask=document_attention_mask(doc_ids))  # (B, 1, T, T) mask
     # Overwriting the logits saves a page-faulting (N, V) allocation on CPU; on GPUs the caching
     # allocator makes it cheap (and bf16 logits are upcast into a new tensor anyway).
     consume = logits.device.type == "cpu"

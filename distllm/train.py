@@ -144,8 +144,11 @@ def train(cfg: Config) -> TrainResult:
         for _ in range(rt.accum):
             window = next(loader).to(rt.device, non_blocking=True)
             indices.append(loader.last_indices)
+            doc_ids = None
+            if cfg.data.document_mask:  # attention stays inside each packed document
+                doc_ids = torch.as_tensor(loader.last_doc_ids).to(rt.device, non_blocking=True)
             with rt.accumulate(model):
-                loss = next_token_loss(model, window)
+                loss = next_token_loss(model, window, doc_ids)
                 if faults.trigger("loss", rank=rt.rank, step=step + 1):
                     loss = loss * float("inf")
                 rt.backward(loss)

@@ -141,14 +141,17 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, out_std)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hd)  # heads [q..., k..., v...]
         q, k, v = QKVRoPEFunction.apply(qkv, cos, sin, nh, nkv)  # q, k rotated; (B, T, nh | nkv | nkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if cache is None:
+        if cache is None and attn_mask is not None:  # e.g. causal within each packed document
+            y = attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
+        elif cache is None:
             y = attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
         else:
             k, v = cache.update(self.layer_id, k, v, start_pos)  # (B, nkv, S, hd), S = start_pos + T
@@ -182,9 +185,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)  # (B, T, d)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, attn_mask)  # (B, T, d)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, d)
 
 
@@ -220,8 +224,11 @@ class Transformer(nn.Module):
         weight = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=device or weight.device, dtype=dtype or weight.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size). With a cache, tokens sit at positions start_pos.. ."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size). With a cache, tokens sit at positions start_pos.. .
+        ``attn_mask`` (B, 1, T, T) bool (True = may attend) replaces the causal mask, e.g. to keep
+        attention inside each packed document (training only)."""
         B, T = tokens.shape
         end = start_pos + T
         if end > self.cfg.max_seq_len:
@@ -238,7 +245,7 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x = checkpoint(layer, x, cos, sin, cache, start_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cache, start_pos, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, start_pos)  # (B, T, d)
+                x = layer(x, cos, sin, cache, start_pos, attn_mask)  # (B, T, d)
         return self.lm_head(self.norm(x))  # (B, T, vocab_size)
