@@ -13,16 +13,28 @@ nothing. A remote directory is read whole-shard into a per-URL cache directory
 (``CACHE_ROOT/<slug>-<hash of the URL>/``): each download goes to a temporary file, is checked
 against the size and sha256 given by the caller (the manifest's), and only then renamed into
 place, so the cache never holds a partial or wrong file under a shard's name. A cached file is
-verified again once per store (per run) before it is trusted; one that fails is downloaded once
-more, and a second failure is a ``DataError`` naming the URL. Connection errors are retried
-with exponential backoff (``backoff * 2**k`` seconds), then reported as a ``DataError`` naming
-the URL and the number of attempts. ``store.stats`` counts ``hits``, ``downloads``, ``retries``
-and ``bytes_downloaded``.
+trusted through its sha256 only, checked once per store (per run); one that fails is downloaded
+once more, and a second failure is a ``DataError`` naming the URL. Files asked for without a
+sha256 (``manifest.json``, ``tokenizer.json``) are downloaded afresh once per run, so a
+re-prepared directory is never read through stale copies. Processes and threads sharing a cache
+(the ranks of one node) take a lock per file, so each file is downloaded once.
 
-Credentials and endpoints come from the usual places of each fsspec backend (for S3: the
-``AWS_*`` environment variables, ``~/.aws``, instance roles, and ``AWS_ENDPOINT_URL``), or
-from ``storage_options`` passed to the filesystem, e.g.
-``{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}`` for s3fs.
+Connection errors are retried with exponential backoff (``backoff * 2**k`` seconds), then
+reported as a ``DataError`` naming the URL and the number of attempts; a missing file or a
+refused permission is reported at once. A broken download starts the file over: data is never
+partial, wrong, or counted twice. The backend's own retries come on top of these (botocore's
+default gives up on a refused connection after about 5 s; ``storage_options={"config_kwargs":
+{"retries": {"max_attempts": 1}}}`` leaves retrying to distllm). ``store.stats`` counts
+``hits``, ``downloads``, ``retries`` and ``bytes_downloaded``.
+
+Credentials and endpoints come from the usual places of each fsspec backend (for S3 through
+s3fs: the ``AWS_*`` environment variables including ``AWS_ENDPOINT_URL``, ``~/.aws``, instance
+roles), or from ``storage_options`` passed to the filesystem, e.g.
+``{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}`` for an S3-compatible server.
+
+The cache has no size bound: the loader keeps the paths of verified shards for the run, so a
+file evicted under it would have to be fetched and verified again; delete ``data.cache_dir`` (or
+a URL's sub-directory) to reclaim the space.
 """
 
 from __future__ import annotations
@@ -307,7 +319,9 @@ class RemoteStore:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise DataError(f"cannot create the data cache directory {path.parent} ({e}); set data.cache_dir") from None
+                raise DataError(
+                    f"cannot create the data cache directory {path.parent} ({e}); set data.cache_dir"
+                ) from None
             with _locked(path.with_name(f".{path.name}.lock")):
                 if path.is_file() and (sha256 is not None or not for_caller):
                     known = _digest(path)
@@ -387,7 +401,9 @@ class _CacheFile:
             raise self._error(e) from None
 
     def _error(self, e: OSError) -> DataError:
-        return DataError(f"cannot write the data cache file {self.path} ({e.strerror or e}); free space or set data.cache_dir")
+        return DataError(
+            f"cannot write the data cache file {self.path} ({e.strerror or e}); free space or set data.cache_dir"
+        )
 
     def write(self, data: bytes) -> None:
         try:
