@@ -17,6 +17,7 @@ import torch
 from distllm import checkpoint
 from distllm.config import Config
 from distllm.data.loader import SampleIndex, TokenShards
+from distllm.data.storage import storage_kwargs
 from distllm.distributed import resolve_device
 from distllm.errors import DataError
 from distllm.loss import next_token_loss
@@ -85,7 +86,7 @@ def run_eval(cfg: Config, target: str | None = None) -> dict:
     """``distllm eval``: validation loss / perplexity of a checkpoint on its data's val split."""
     model, state, path = load_for_inference(cfg, target)
     device = next(model.parameters()).device
-    shards = TokenShards(cfg.data.dir, "val")
+    shards = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
     if shards.fingerprint != state["tokenizer_fingerprint"]:
         raise DataError(
             f"the data in {cfg.data.dir} was tokenized with a different tokenizer than checkpoint {path} "

@@ -118,7 +118,11 @@ def run_generate(cfg, spec: str | None, prompt: str, max_new_tokens: int, temper
     model, state, path = load_for_inference(cfg, spec)
     device = next(model.parameters()).device
     tok_file = path / TOKENIZER_FILE  # the copy saved with the checkpoint, else the data directory's
-    tok = load_tokenizer(tok_file if tok_file.is_file() else Path(cfg.data.dir) / TOKENIZER_FILE)
+    if not tok_file.is_file():
+        from distllm.data.storage import store_from_config
+
+        tok_file = store_from_config(cfg.data).local_path(TOKENIZER_FILE)
+    tok = load_tokenizer(tok_file)
     if fingerprint(tok) != state["tokenizer_fingerprint"]:
         raise DataError(f"{Path(cfg.data.dir) / TOKENIZER_FILE} is a different tokenizer than the one checkpoint "
                         f"{path} was trained with; point data.dir at that run's data")

@@ -25,7 +25,7 @@ import torch
 from distllm import checkpoint, distributed, faults
 from distllm.config import Config, check_vocab, parse_duration, save_config
 from distllm.data.loader import TokenShards, build_train_loader
-from distllm.data.shards import TOKENIZER_FILE
+from distllm.data.storage import storage_kwargs
 from distllm.errors import CheckpointError, ConfigError, UserError
 from distllm.evaluate import ValidationSet, validation_loss
 from distllm.loss import next_token_loss
@@ -69,7 +69,9 @@ def train(cfg: Config) -> TrainResult:
     check_vocab(cfg, loader.vocab_size)
     if cfg.train.debug:
         loader = FirstBatchOnly(loader)
-    val = ValidationSet(TokenShards(cfg.data.dir, "val"), T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
+    val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
+    val = ValidationSet(val_split, T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
+    tokenizer_file = val_split.tokenizer_path  # copied into every checkpoint (a local copy for s3:// data)
 
     # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
     torch.manual_seed(cfg.train.seed)
@@ -116,7 +118,7 @@ def train(cfg: Config) -> TrainResult:
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
                  "config": cfg.to_dict(), "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
         path = checkpoint.save(rt, run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last,
-                               tokenizer_file=Path(cfg.data.dir) / TOKENIZER_FILE)
+                               tokenizer_file=tokenizer_file)
         last_save, save_seconds = time.monotonic(), time.monotonic() - t0
         log.print(f"saved checkpoint {path} ({save_seconds:.1f} s)")
         return path
@@ -222,6 +224,7 @@ def train(cfg: Config) -> TrainResult:
     if trace is not None:
         trace.close()
     loader.close()
+    val_split.close()
     stop.restore()
     return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main,
                        stopped=stopped, exit_code=exit_code)

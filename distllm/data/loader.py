@@ -48,6 +48,7 @@ from distllm.data.mixing import MixSchedule
 from distllm.data.order import Permutation, derive_key
 from distllm.data.packing import document_ids
 from distllm.data.shards import HEADER_SIZE, MANIFEST, SPLITS, data_fingerprint, load_manifest, verify_shard
+from distllm.data.storage import open_store, storage_kwargs
 from distllm.errors import ConfigError, DataError
 from distllm.tokenizer import fingerprint, load_tokenizer
 
@@ -74,16 +75,22 @@ class TokenShards:
         verify: bool = True,
         verify_workers: int = 2,
         max_open_files: int = 64,
+        storage: Optional[dict] = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.data_dir, self.split, self.verify = Path(data_dir), split, verify
+        # a local directory or an fsspec URL (s3://...), fetched into a local cache (data/storage.py)
+        self.store = open_store(str(data_dir), **(storage or {}))
+        self.data_dir = str(data_dir) if self.store.is_remote else Path(data_dir)  # Path() mangles "s3://"
+        self.split, self.verify = split, verify
         manifest = load_manifest(self._local_file(MANIFEST))
         tok = manifest["tokenizer"]
         self.vocab_size: int = tok["vocab_size"]
         self.eot_id: int = tok["eot_id"]
         self.fingerprint: str = tok["fingerprint"]
         tok_path = self._local_file(tok["file"])
+        self.tokenizer_path = tok_path
+        """Local copy of the tokenizer the data was made with."""
         if (actual := fingerprint(load_tokenizer(tok_path))) != self.fingerprint:
             raise DataError(
                 f"{tok_path} does not match the shards (fingerprint {actual[:12]} != {self.fingerprint[:12]}); "
@@ -97,7 +104,7 @@ class TokenShards:
         sizes = [int(e["num_tokens"]) for e in self._entries]
         if sum(sizes) != manifest["splits"][split]["num_tokens"]:
             raise DataError(
-                f"the {split} shards listed in {self.data_dir / MANIFEST} hold {sum(sizes)} tokens, but it says "
+                f"the {split} shards listed in {self.store.url(MANIFEST)} hold {sum(sizes)} tokens, but it says "
                 f"{manifest['splits'][split]['num_tokens']}; re-run prepare"
             )
         self._starts = np.cumsum([0] + sizes)  # _starts[k] = stream offset of shard k; _starts[-1] = total
@@ -118,8 +125,12 @@ class TokenShards:
     # ---- file access: the one place that turns a file of the data directory into a local path
     def _local_file(self, name: str, entry: Optional[dict] = None) -> Path:
         """Local path of file ``name`` of the data directory; ``entry`` is a shard's manifest entry (its
-        ``num_tokens`` and ``sha256``). Object storage plugs in here: fetch into a local cache, return that."""
-        return self.data_dir / name
+        ``num_tokens`` and ``sha256``). From object storage the file is fetched into the local cache and
+        checked against the entry's size and sha256 there."""
+        if entry is None:
+            return self.store.local_path(name)
+        size = HEADER_SIZE + int(entry["num_tokens"]) * self.dtype.itemsize
+        return self.store.local_path(name, size=size, sha256=entry["sha256"])
 
     def _verify(self, k: int) -> Path:
         """Check shard ``k`` against the manifest (once per shard per run); its local path."""
@@ -130,7 +141,7 @@ class TokenShards:
             self.fingerprint,
             self.dtype,
             vocab_limit=self.vocab_limit if self.verify else None,
-            check_hash=self.verify,
+            check_hash=self.verify and not self.store.is_remote,  # the store checked it when it fetched it
         )
         with self._lock:
             self._paths[k] = path
@@ -156,7 +167,8 @@ class TokenShards:
         return self._unverified == 0
 
     def warm(self, shard_ids: Sequence[int]) -> None:
-        """Start verifying these shards in the background (they will be read soon)."""
+        """Start fetching and verifying these shards in the background (they will be read soon)."""
+        self.store.prefetch([self._entries[int(k)]["file"] for k in shard_ids if self._paths[int(k)] is None])
         for k in shard_ids:
             if self._paths[k] is None:
                 self._future(int(k))
@@ -170,6 +182,7 @@ class TokenShards:
     def close(self) -> None:
         """Stop background verification and close the open shard files (reading reopens them)."""
         self._files.close()
+        self.store.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -208,7 +221,7 @@ class TokenShards:
         pos = int(starts[row]) + int(col)
         k = int(np.searchsorted(self._starts, pos, side="right")) - 1
         raise DataError(
-            f"shard {self.data_dir / self._entries[k]['file']} holds token id {int(out[row, col])} at token offset "
+            f"shard {self.store.url(self._entries[k]['file'])} holds token id {int(out[row, col])} at token offset "
             f"{pos - int(self._starts[k])}, outside the vocabulary of {self.vocab_limit} ids; it was made with "
             "another tokenizer or is corrupt (re-run `distllm prepare`), or model.vocab_size is too small"
         )
@@ -672,7 +685,8 @@ def build_train_loader(
     and any token id at or above it a DataError naming the shard and offset.
     """
     mix = data_cfg.mix or {data_cfg.dir: 1.0}
-    sources = [TokenShards(d, "train", vocab_limit=vocab_limit, verify=data_cfg.verify_shards) for d in mix]
+    sources = [TokenShards(d, "train", vocab_limit=vocab_limit, verify=data_cfg.verify_shards,
+                           storage=storage_kwargs(data_cfg)) for d in mix]
     for s in sources:
         if vocab_limit is not None and s.vocab_size > vocab_limit:
             raise ConfigError(
