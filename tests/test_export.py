@@ -19,14 +19,13 @@ from distllm.generate import generate
 from distllm.tokenizer import eot_id, load_tokenizer
 from distllm.train import train
 
-from conftest import UNICODE_DOC
 
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [  # with the generated tokens, each fits max_seq_len (64): no cropping on either side
     "def parse(self, text):\n    ",
     "Module json\n\nJSON encoder",
-    UNICODE_DOC.splitlines()[2][:24],  # Grüße aus Köln — naïve ...
+    "Grüße aus Köln — naïve c",  # from the tiny corpus's multilingual document (tests/conftest.py)
     "may mention <|endoftext|> literally",  # plain text to distllm's tokenizer, and to the exported one
 ]
 
