@@ -101,7 +101,7 @@ def eot_id(tok: Tokenizer) -> int:
 
 # --------------------------------------------------------------------------- long documents
 
-_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_GPT2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 _SAFE_CUT = re.compile(r"(?<=\S) (?=\S)")
 """A space with a non-space on both sides: the GPT-2 pre-tokenizer always starts a new piece there."""
 
@@ -114,7 +114,7 @@ def splits_exactly(tok: Tokenizer) -> bool:
     return (
         spec.get("normalizer") is None
         and (spec.get("model") or {}).get("type") == "BPE"
-        and all(pre.get(k) == v for k, v in _GPT2_BYTE_LEVEL.items() if k != "trim_offsets")
+        and all(pre.get(k) == v for k, v in _GPT2_BYTE_LEVEL.items())
     )
 
 

@@ -134,6 +134,21 @@ def test_bad_jsonl_records_are_skipped(tmp_path):
     assert sorted(docs) == ["a first document", "a second one", "third"]
 
 
+def test_bad_parquet_rows_are_skipped(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [b"a first document", b"caf\xe9", b"a second one", b"nul \x00 inside", b"third"]
+    offsets = np.cumsum([0] + [len(t) for t in texts]).astype(np.int32)
+    column = pa.Array.from_buffers(pa.string(), len(texts), [None, pa.py_buffer(offsets.tobytes()),
+                                                             pa.py_buffer(b"".join(texts))])  # unchecked UTF-8
+    pq.write_table(pa.table({"text": column}), tmp_path / "docs.parquet")
+    manifest = prepare(make_config(tmp_path / "docs.parquet", tmp_path / "out"))
+    assert manifest["prepare"]["documents"] == 3 and manifest["prepare"]["not_text"]["count"] == 2
+    docs = decoded_documents(tmp_path / "out", "train") + decoded_documents(tmp_path / "out", "val")
+    assert sorted(docs) == ["a first document", "a second one", "third"]
+
+
 def test_nothing_but_binary_is_refused(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
