@@ -132,7 +132,7 @@ def split_long(text: str, max_chars: int) -> list[str]:
     parts, start = [], 0
     while len(text) - start > max_chars:
         cut = None
-        for m in _SAFE_CUT.finditer(text, start + max_chars // 2, start + max_chars + 1):  # the last one
+        for m in _SAFE_CUT.finditer(text, start + max(1, max_chars // 2), start + max_chars + 1):  # the last one
             cut = m.start()
         if cut is None:  # no safe space in the second half of the window: look further on
             m = _SAFE_CUT.search(text, start + max_chars)

@@ -110,6 +110,7 @@ def test_split_long_bounds_the_parts(texts):
     assert "".join(parts) == text and len(parts) > len(text) // 1000
     assert all(len(p) <= 1000 for p in parts)
     assert split_long("x" * 50, 10) == ["x" * 50]  # no space to cut at: one part
+    assert split_long("a b c d", 1) == ["a", " b", " c", " d"]  # every part moves on, even for tiny max_chars
 
 
 def test_splits_exactly_only_for_gpt2_byte_level(tok):
