@@ -67,7 +67,8 @@ class DataConfig:
     """Check each shard's sha256 and token ids against the manifest before its first use (once per
     shard per run, in background threads ahead of the batches); false: header and size only."""
     val_fraction: float = 0.01
-    """Fraction of documents held out for validation (at least one document)."""
+    """About this fraction of the documents is held out for validation (at least one), chosen by a hash
+    of each text: the same text always lands in the same split, whatever else is in the corpus."""
     cache_dir: Optional[str] = None
     """Local cache of a remote ``data.dir`` (``s3://...`` or any fsspec URL), one sub-directory per URL
     (None = ``$DISTLLM_CACHE_DIR/data``, else ``~/.cache/distllm/data``). Shards are downloaded whole and checked
