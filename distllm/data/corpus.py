@@ -30,7 +30,7 @@ import glob
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -364,21 +364,25 @@ def _arrow_value(column: pa.Array, i: int, path: str) -> str | Bad | None:
 # --------------------------------------------------------------------------- Hugging Face datasets
 
 
-def spool_hub(cfg: DataConfig, spool_dir: Path, file_bytes: int) -> list[FileInfo]:
+def spool_hub(
+    cfg: DataConfig, spool_dir: Path, file_bytes: int, on_file: Callable[[], None] = lambda: None
+) -> list[FileInfo]:
     """Stream ``cfg.source`` from the Hub (``streaming=True``) into JSON-lines files of about
     ``file_bytes`` in ``spool_dir`` (field ``text``); resumable: complete files are kept and the
-    stream skips the rows they hold. With ``cfg.max_documents``, stop after that many non-empty texts."""
+    stream skips the rows they hold. With ``cfg.max_documents``, stop after that many non-empty
+    texts. ``on_file()`` is called after each file is complete."""
     spool_dir.mkdir(parents=True, exist_ok=True)
     progress_path = spool_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"files": 0, "rows": 0, "docs": 0}
     for tmp in spool_dir.glob("*.tmp"):
         tmp.unlink()
     if not progress.get("done"):
-        _spool(cfg, spool_dir, file_bytes, progress, progress_path)
+        _spool(cfg, spool_dir, file_bytes, progress, progress_path, on_file)
     return [_stat(str(spool_dir / f"{i:06d}.jsonl")) for i in range(progress["files"])]
 
 
-def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, progress_path: Path) -> None:
+def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, progress_path: Path,
+           on_file: Callable[[], None]) -> None:  # fmt: skip
     name = hub_name(cfg.source)
     origin = f"Hugging Face dataset '{name}'"
     out, size, rows, docs = None, 0, progress["rows"], progress["docs"]
@@ -394,7 +398,10 @@ def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, pr
             out, size = None, 0
         progress.update(rows=rows, docs=docs, done=done)
         tmp = progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(progress))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(progress))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, progress_path)
 
     try:
@@ -418,6 +425,7 @@ def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, pr
                 break
             if size >= file_bytes:
                 commit(done=False)
+                on_file()
     except DataError:
         raise
     except Exception as e:  # ConnectionError, DatasetNotFoundError, bad config/split names, HTTP errors ...

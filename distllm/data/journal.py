@@ -30,7 +30,7 @@ from distllm.errors import DataError
 log = logging.getLogger(__name__)
 
 INTERRUPT_ENV = "DISTLLM_PREPARE_INTERRUPT"
-"""For tests: ``EVENT:N`` (EVENT = scan, piece or shard) raises KeyboardInterrupt after the N-th
+"""For tests: ``EVENT:N`` (EVENT = spool, scan, piece or shard) raises KeyboardInterrupt after the N-th
 such event of this process (as Ctrl-C would); ``EVENT:N:kill`` kills the process with SIGKILL."""
 
 

@@ -324,7 +324,7 @@ def _scan_corpus(cfg, source: Source | None, journal: Journal, num_proc: int, in
     d = cfg.data
     if source is None:
         origin, field = f"Hugging Face dataset '{hub_name(d.source)}'", "text"
-        files = spool_hub(d, journal.dir / "spool", SPOOL_FILE_BYTES)
+        files = spool_hub(d, journal.dir / "spool", SPOOL_FILE_BYTES, lambda: interrupts.point("spool"))
     else:
         origin, field, files = source.origin, source.text_field, list(source.files)
     pieces = plan_pieces(files, piece_bytes(sum(f.size for f in files)))

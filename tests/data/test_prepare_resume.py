@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from prepared import file_bytes, make_config
+from prepared import corpus_texts, file_bytes, make_config
 
 import distllm.data.prepare as prepare_module
 from distllm.data.prepare import INTERRUPT_ENV, prepare
@@ -104,3 +104,37 @@ def test_killed_prepare_subprocess_finishes_on_rerun(tiny_corpus, tmp_path):
     finished = run(out, {})
     assert finished.returncode == 0, finished.stderr
     assert file_bytes(out) == file_bytes(tmp_path / "reference")
+
+
+class FakeStream:
+    """A ``datasets`` streaming dataset: iterable rows, ``skip(n)``; records the skips."""
+
+    def __init__(self, rows, skips, start=0):
+        self.rows, self.skips, self.start = rows, skips, start
+
+    def __iter__(self):
+        return iter(self.rows[self.start :])
+
+    def skip(self, n):
+        self.skips.append(n)
+        return FakeStream(self.rows, self.skips, self.start + n)
+
+
+def test_interrupted_hub_stream_resumes_where_it_stopped(tiny_corpus, tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"text": t} for t in corpus_texts(tiny_corpus)]
+    skips = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: FakeStream(rows, skips))
+    monkeypatch.setattr(prepare_module, "SPOOL_FILE_BYTES", 10_000)  # 6 spool files
+    prepare(make_config("hf:someone/corpus", tmp_path / "reference", **SETTINGS))
+    assert skips == []
+
+    cfg = make_config("hf:someone/corpus", tmp_path / "data", **SETTINGS)
+    monkeypatch.setenv(INTERRUPT_ENV, "spool:3")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    monkeypatch.delenv(INTERRUPT_ENV)
+    prepare(cfg)
+    assert len(skips) == 1 and 0 < skips[0] < len(rows)  # the rows of the 3 finished files are not read again
+    assert file_bytes(tmp_path / "data") == file_bytes(tmp_path / "reference")
