@@ -133,7 +133,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) 
                 return flops
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # the CPU path trains in fp32
-    return cached_peak(machine_key(device, dtype), lambda: measured_matmul_flops(device.type, device.index, dtype))
+    return cached_peak(machine_key(device, dtype), lambda: measured_matmul_flops(device.type, device.index, dtype),
+                       quick=lambda: measured_matmul_flops(device.type, device.index, dtype, trials=1))
 
 
 def cpu_model() -> str:
@@ -167,9 +168,12 @@ def peak_cache_file() -> Path:
 _peaks: dict[str, float] = {}  # this process's answers, so the file is read once per key
 
 
-def cached_peak(key: str, measure) -> float:
+def cached_peak(key: str, measure, quick=None) -> float:
     """The peak stored under ``key`` in ``peak_cache_file()``; else ``measure()``, stored there
-    (atomically; an unwritable cache only costs a measurement per process)."""
+    (atomically; an unwritable cache only costs a measurement per process).
+
+    The cache is a ratchet: with ``quick`` (one short trial) a process that measures more than the
+    cached figure raises it, so a peak first measured on a busy machine heals on a quiet one."""
     if key in _peaks:
         return _peaks[key]
     path = peak_cache_file()
@@ -179,8 +183,12 @@ def cached_peak(key: str, measure) -> float:
     except (OSError, ValueError):
         table = {}
     value = table.get(key)
+    fresh = None
     if not (isinstance(value, (int, float)) and value > 0):
-        value = float(measure())
+        fresh = value = float(measure())
+    elif quick is not None and (q := float(quick())) > value:
+        fresh = value = q
+    if fresh is not None:
         table[key] = value
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,11 +51,17 @@ def peak_cache(tmp_path, monkeypatch):
     """A private cache file and an empty per-process memory; measurements counted, never timed."""
     monkeypatch.setenv("DISTLLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(flops_module, "_peaks", {})
-    calls = []
+    class Calls(list):
+        quick_answer: list
 
-    def fake_measure(device_type, device_index, dtype):
-        calls.append((device_type, dtype))
-        return 100e9 + len(calls)  # a different answer each time, to see which one is kept
+    calls = Calls()
+
+    def fake_measure(device_type, device_index, dtype, trials=5):
+        calls.append((device_type, dtype) if trials > 1 else "quick")
+        return 100e9 + len(calls) if trials > 1 else quick_answer[0]  # a different answer each time
+
+    quick_answer = [0.0]  # what a process's one short trial measures (0: less than any cached peak)
+    calls.quick_answer = quick_answer
 
     monkeypatch.setattr(flops_module, "measured_matmul_flops", fake_measure)
     return calls
@@ -72,8 +78,15 @@ def test_peak_is_measured_once_per_machine_and_cached_in_a_file(peak_cache, monk
     assert flops_module.cpu_model() in key and f"{torch.get_num_threads()} threads" in key and "float32" in key
     assert table[key] == first
 
-    monkeypatch.setattr(flops_module, "_peaks", {})  # a new process on the same machine: read, not measured
-    assert peak_flops("cpu", torch.float32) == first and len(peak_cache) == 1
+    monkeypatch.setattr(flops_module, "_peaks", {})  # a new process on the same machine: read, one quick trial
+    assert peak_flops("cpu", torch.float32) == first and peak_cache[1:] == ["quick"]
+    monkeypatch.setattr(flops_module, "_peaks", {})  # a quiet machine measures more: the cache ratchets up
+    peak_cache.quick_answer[0] = 150e9
+    assert peak_flops("cpu", torch.float32) == 150e9 and json.loads(path.read_text())[key] == 150e9
+    monkeypatch.setattr(flops_module, "_peaks", {})  # a busy moment never lowers it
+    peak_cache.quick_answer[0] = 20e9
+    assert peak_flops("cpu", torch.float32) == 150e9
+    peak_cache[:] = [c for c in peak_cache if c != "quick"]
 
     torch.set_num_threads(torch.get_num_threads() + 1)  # another thread count is another peak
     assert peak_flops("cpu", torch.float32) == 100e9 + 2
