@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import json
 import os
 import random
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from distllm import faults
+from distllm.data.shards import sha256_file, write_durably
 from distllm.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -209,22 +209,31 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     copy_weights(model, reader, path)
 
 
-def copy_weights(model: torch.nn.Module, reader: TensorReader, path: Path) -> None:
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - reader.keys()), sorted(reader.keys() - set(params))
+def check_names(path: Path, model_names: set[str], saved_names: set[str]) -> None:
+    """The checkpoint holds a tensor for every parameter of the model and nothing else."""
+    missing, unexpected = sorted(model_names - saved_names), sorted(saved_names - model_names)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
             "check the model section of the config"
         )
+
+
+def check_shape(path: Path, name: str, saved: tuple, model: tuple) -> None:
+    if tuple(saved) != tuple(model):
+        raise CheckpointError(
+            f"cannot load weights from {path}: size mismatch for {name}: the checkpoint has "
+            f"{tuple(saved)}, the model {tuple(model)}; check the model section of the config"
+        )
+
+
+def copy_weights(model: torch.nn.Module, reader: TensorReader, path: Path) -> None:
+    params = dict(model.named_parameters())
+    check_names(path, set(params), reader.keys())
     with torch.no_grad():
         for name, p in params.items():
             t = reader.get(name)
-            if t.shape != p.shape:
-                raise CheckpointError(
-                    f"cannot load weights from {path}: size mismatch for {name}: the checkpoint has "
-                    f"{tuple(t.shape)}, the model {tuple(p.shape)}; check the model section of the config"
-                )
+            check_shape(path, name, t.shape, p.shape)
             p.copy_(t)
 
 
@@ -304,7 +313,7 @@ def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer,
             if final.exists():  # an uncommitted leftover of a crashed save of this step
                 shutil.rmtree(final)
             tmp.rename(final)
-            _write_atomic(final / MARKER, json.dumps(manifest, indent=1) + "\n")
+            write_durably(final / MARKER, json.dumps(manifest, indent=1) + "\n")
             _fsync(final)
             _fsync(root)
             for old in complete_checkpoints(run_dir)[:-keep_last]:
@@ -427,21 +436,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:

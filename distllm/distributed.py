@@ -184,16 +184,10 @@ class Runtime:
 
     def load_training_state(self, model, optimizer, weights, moments, adam_step: int, path) -> None:
         """Set weights and AdamW state from a checkpoint's TensorReaders (any engine, any number of ranks)."""
-        from distllm.checkpoint import CheckpointError, copy_weights
+        from distllm.checkpoint import check_names, check_shape, copy_weights
 
         params = self._named_params(model)
-        names = {n for n, _ in params}
-        if weights.keys() != names:
-            missing, unexpected = sorted(names - weights.keys()), sorted(weights.keys() - names)
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
-                "check the model section of the config"
-            )
+        check_names(path, {n for n, _ in params}, weights.keys())
         has_moments = bool(moments.keys())
         if not self.deepspeed:
             copy_weights(self.unwrap(model), weights, path)
@@ -217,12 +211,7 @@ class Runtime:
                 st["step"].fill_(float(adam_step))
         for name, p in params:
             full = weights.get(name)
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if tuple(full.shape) != shape:
-                raise CheckpointError(
-                    f"cannot load weights from {path}: size mismatch for {name}: the checkpoint has "
-                    f"{tuple(full.shape)}, the model {shape}; check the model section of the config"
-                )
+            check_shape(path, name, full.shape, getattr(p, "ds_shape", p.shape))  # ZeRO-3: the real shape
             full = full.to(self.device)
             safe_set_full_fp32_param(p, full)  # the fp32 master partition
             if has_moments:

@@ -24,7 +24,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from distllm.data.shards import SPLITS
+from distllm.data.shards import SPLITS, write_durably
 from distllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,6 @@ class Journal:
             self._file.close()
         shutil.rmtree(self.dir, ignore_errors=True)  # the lock file with it; the lock is released on close
         self.close()
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Interrupts:

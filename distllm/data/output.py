@@ -13,13 +13,12 @@ Remote credentials and endpoints come from the fsspec backend's usual places or
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from distllm.data.shards import fsync_dir, write_shard
+from distllm.data.shards import write_durably, write_shard
 from distllm.data.storage import is_url
 from distllm.errors import DataError
 
@@ -51,14 +50,7 @@ class LocalOutput:
         return write_shard(self.root / name, tokens, fingerprint)
 
     def put_text(self, name: str, text: str) -> None:
-        path = self.root / name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.root)
+        write_durably(self.root / name, text)
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)

@@ -216,16 +216,22 @@ def data_fingerprint(manifest: dict, split: str) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``data_dir/manifest.json`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    path = Path(data_dir) / MANIFEST
+def write_durably(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably: temp file, fsync, rename, fsync the directory."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2) + "\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``data_dir/manifest.json`` atomically and durably (``write_durably``)."""
+    path = Path(data_dir) / MANIFEST
+    write_durably(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
 
