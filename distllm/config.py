@@ -555,12 +555,12 @@ def check_resume_spec(spec: str | None) -> None:
         )
 
 
-def check_vocab(cfg: Config, tokenizer_vocab_size: int) -> None:
-    """The model's embedding must have a row for every token id the tokenizer can produce."""
-    if cfg.model.vocab_size < tokenizer_vocab_size:
+def check_vocab(model_vocab_size: int, data_vocab_size: int, data_dir) -> None:
+    """The model's embedding must have a row for every token id the data (its tokenizer) can hold."""
+    if model_vocab_size < data_vocab_size:
         raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer_vocab_size}); set --model.vocab_size={_round_up(tokenizer_vocab_size, 64)}"
+            f"model.vocab_size ({model_vocab_size}) is smaller than the vocabulary the data in {data_dir} was made "
+            f"with ({data_vocab_size}); set --model.vocab_size={_round_up(data_vocab_size, 64)}"
         )
 
 

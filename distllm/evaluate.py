@@ -44,10 +44,10 @@ class ValidationSet:
         """(tokens (b, seq_len + 1), weight) pairs; weight 0 marks a padding pass."""
         for k in range(self.num_batches):
             ids = self.mine[k * self.batch_size : (k + 1) * self.batch_size]
-            if len(ids) == 0:
-                yield torch.from_numpy(self.samples[0][None].astype(np.int64)), 0
+            if len(ids) == 0:  # a zero-weight pass on sample 0
+                yield torch.from_numpy(self.samples.read(np.zeros(1, dtype=np.int64))), 0
             else:
-                yield torch.from_numpy(np.stack([self.samples[int(i)] for i in ids]).astype(np.int64)), len(ids)
+                yield torch.from_numpy(self.samples.read(ids)), len(ids)
 
 
 @torch.no_grad()

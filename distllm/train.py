@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distllm import checkpoint, distributed, faults
-from distllm.config import Config, check_vocab, parse_duration, save_config
+from distllm.config import Config, parse_duration, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
 from distllm.errors import CheckpointError, ConfigError, UserError
@@ -65,8 +65,7 @@ def train(cfg: Config) -> TrainResult:
     T, B = cfg.data.seq_len, cfg.train.micro_batch_size
     loader = build_train_loader(cfg.data, micro_batch_size=B, global_batch_size=cfg.train.global_batch_size,
                                 seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size,
-                                vocab_limit=cfg.model.vocab_size)
-    check_vocab(cfg, loader.vocab_size)
+                                vocab_limit=cfg.model.vocab_size)  # data of a larger vocabulary is refused
     if cfg.train.debug:
         loader = FirstBatchOnly(loader)
     val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
@@ -95,10 +94,11 @@ def train(cfg: Config) -> TrainResult:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    resume_step = step if resume_path is not None else None  # records after it are dropped from the logs
     log = MetricsLogger(run_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard,
                         progress=cfg.logging.progress, total_steps=cfg.train.max_steps, start_step=step,
-                        resume_step=step if resume_path is not None else None)
-    trace = SampleTrace(run_dir, rt.rank, step if resume_path else None) if cfg.logging.trace_samples else None
+                        resume_step=resume_step)
+    trace = SampleTrace(run_dir, rt.rank, resume_step) if cfg.logging.trace_samples else None
     tokens_per_step = cfg.train.global_batch_size * T
     flops_tok = flops_per_token(cfg.model, T)
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)
@@ -156,6 +156,7 @@ def train(cfg: Config) -> TrainResult:
                 rt.backward(loss)
             step_loss += loss.detach() / rt.accum
         grad_norm, applied = rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
+        step_samples = np.concatenate(indices)  # this rank's global sample indices of the step
         step += 1
         timed_steps += 1
         log.advance()
@@ -172,9 +173,9 @@ def train(cfg: Config) -> TrainResult:
                 )
         else:
             skipped_in_a_row = 0
-            pending.append((step, lr, step_loss, grad_norm, np.concatenate(indices)))
+            pending.append((step, lr, step_loss, grad_norm, step_samples))
         if trace is not None:
-            trace.write(step, np.concatenate(indices))
+            trace.write(step, step_samples)
         faults.trigger("step", rank=rt.rank, step=step)
         slowest_step = max(slowest_step, time.monotonic() - t_step)
 

@@ -90,10 +90,10 @@ def test_global_batch_checked_against_world_size():
 
 
 def test_vocab_smaller_than_tokenizer():
-    cfg = from_dict({"model": {"vocab_size": 512}, "tokenizer": {"vocab_size": 512}})
-    check_vocab(cfg, 512)
-    with pytest.raises(ConfigError, match=r"model.vocab_size \(512\) is smaller than the tokenizer's vocabulary \(600\); set --model.vocab_size=640"):
-        check_vocab(cfg, 600)
+    check_vocab(512, 512, "data/x")
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(512\) is smaller than the vocabulary the data in "
+                                          r"data/x was made with \(600\); set --model.vocab_size=640"):
+        check_vocab(512, 600, "data/x")
 
 
 def test_bad_override_syntax():

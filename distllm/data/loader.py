@@ -44,6 +44,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from distllm.config import check_vocab
 from distllm.data.mixing import MixSchedule
 from distllm.data.order import Permutation, derive_key
 from distllm.data.packing import document_ids
@@ -688,11 +689,8 @@ def build_train_loader(
     sources = [TokenShards(d, "train", vocab_limit=vocab_limit, verify=data_cfg.verify_shards,
                            storage=storage_kwargs(data_cfg)) for d in mix]
     for s in sources:
-        if vocab_limit is not None and s.vocab_size > vocab_limit:
-            raise ConfigError(
-                f"model.vocab_size ({vocab_limit}) is smaller than the vocabulary the data in {s.data_dir} was made "
-                f"with ({s.vocab_size}); set --model.vocab_size={64 * -(-s.vocab_size // 64)}"
-            )
+        if vocab_limit is not None:
+            check_vocab(vocab_limit, s.vocab_size, s.data_dir)
     return TrainLoader(
         sources,
         list(mix.values()),
