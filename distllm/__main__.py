@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "is only replaced with --data.overwrite=true.")
     _config_parser("train", sub, "pretrain a model",
                    "Train the model described by the config on the shards in data.dir; logs, TensorBoard events "
-                   "and checkpoints go to run.dir. Continue a run with --checkpoint.resume_from=latest.")
+                   "and checkpoints go to run.dir. Running the same command again continues the run from its "
+                   "newest committed checkpoint (--checkpoint.resume_from=null insists on a fresh run). Works "
+                   "the same under torchrun, accelerate launch and Slurm (see launch/README.md).")
 
     p = _config_parser("eval", sub, "validation loss / perplexity of a checkpoint",
                        "Compute the validation loss and perplexity of a checkpoint on the val split of the data it "
