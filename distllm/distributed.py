@@ -90,6 +90,8 @@ class Runtime:
         """Wrap a single-device model and its optimizer for this runtime."""
         model.activation_checkpointing = cfg.activation_checkpointing
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.zero_stage == 3:
+            _share_fp32_partitions(model.optimizer)
         if self.deepspeed:
             self._init_zero_optimizer_state(model)
         if cfg.compile:  # per block, after the wrap: DDP's all-reduce hooks still overlap the backward
@@ -97,7 +99,7 @@ class Runtime:
                 block.compile()
         return model, optimizer
 
-    def _init_zero_optimizer_state(self, engine) -> None:
+    def _init_zero_optimizer_state(self, engine) -> None:  # after _share_fp32_partitions: state is keyed by them
         """Create AdamW's state (zeros, step 0: what AdamW itself creates at its first step) for every
         flat partition up front. DeepSpeed ZeRO-1/2 links each parameter to its slice of that state
         after the first step, but only for the parameter groups whose state exists by then (the first),
@@ -529,3 +531,28 @@ def _get(d: dict, path: tuple[str, ...]):
             return None
         d = d[key]
     return d
+
+
+def _share_fp32_partitions(zero) -> None:
+    """ZeRO-3: let the optimizer step the fp32 parameter partitions themselves instead of a copy of them.
+
+    DeepSpeed means to skip its fp32 master copy when a partition is already fp32 on the optimizer's
+    device (stage3.py ``_create_fp32_partitions``: "we don't need another copy of the weights"), but it
+    compares ``tensor.device`` with the string ``current_device_name()`` ('cpu', 'cuda:0'), and a
+    ``torch.device`` never equals a string, so 0.19 keeps a clone: 4 bytes per parameter / world size
+    per rank, a quarter of the ZeRO-3 state in fp32. Do what that branch does. Under bf16 the partitions
+    are bf16 and the fp32 master copy stays, as it must; offloaded or swapped partitions are left alone.
+    """
+    if zero.offload_optimizer or getattr(zero, "swap_optimizer", False):
+        return
+    fp32 = zero.fp32_partitioned_groups_flat
+    for i, (params, master) in enumerate(zip(zero.fp16_partitioned_groups_flat, fp32)):
+        if params is None or params.dtype != master.dtype or params.device != master.device:
+            continue
+        if master.data_ptr() == params.data_ptr() or master in zero.optimizer.state:
+            continue
+        if not torch.equal(params, master):  # nothing has stepped yet: the copy must still be a copy
+            raise RuntimeError(f"ZeRO-3 fp32 partition {i} differs from its parameters before the first step")
+        params.ds_id = master.ds_id
+        params.requires_grad = True  # as DeepSpeed sets on its fp32 partitions
+        fp32[i] = params

@@ -38,3 +38,23 @@ def test_checkpoint_benchmark_runs_and_reports_its_ratios(tmp_path):
     assert re.search(r"training loop blocked per checkpoint: [0-9.]+ s = the whole save", out), out
     assert re.search(r"of the save: sha256 [0-9.]+ s", out), out
     assert not any(tmp_path.iterdir()), "the benchmark left files behind"
+
+
+MEMORY_BENCH = BENCH.with_name("bench_memory.py")
+
+
+def test_memory_benchmark_zero_shards_the_training_state():
+    """benchmarks/bench_memory.py --tiny on 2 real processes: byte counts, not timings. ZeRO-1 holds half
+    of DDP's AdamW moments per rank; ZeRO-3 about half of DDP's whole state (parameters, gradients,
+    moments), which needs DeepSpeed to step the fp32 parameter partitions themselves (no master copy:
+    distributed._share_fp32_partitions)."""
+    r = subprocess.run([sys.executable, str(MEMORY_BENCH), "--tiny", "--engines", "DDP,ZeRO-1,ZeRO-3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    z3 = re.search(r"ratio ZeRO-3 state per rank / DDP: ([0-9.]+)x .*without the fp32 master copy ([0-9.]+)x", out)
+    assert z3, out
+    assert float(z3.group(1)) == float(z3.group(2)), f"ZeRO-3 keeps an fp32 master copy of its partitions:\n{out}"
+    assert float(z3.group(1)) <= 0.55, out
+    z1 = re.search(r"ratio ZeRO-1 optimizer state per rank / DDP: ([0-9.]+)x", out)
+    assert z1 and float(z1.group(1)) <= 0.55, out
