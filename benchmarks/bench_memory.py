@@ -1,6 +1,6 @@
 """Per-rank memory of a ~100M-parameter model with AdamW on 2 CPU processes: DDP vs DeepSpeed ZeRO-1/2/3.
 
-    python benchmarks/bench_memory.py                         # 100.7M params, 7 jobs, ~6 min on 2 busy cores
+    python benchmarks/bench_memory.py                         # 100.7M params, 7 jobs, ~4 min on 2 cores
     python benchmarks/bench_memory.py --engines DDP,ZeRO-3    # a subset (DDP, the baseline, is required)
     python benchmarks/bench_memory.py --tiny                  # a 2-layer toy model (smoke run, ~25 s per job)
 
@@ -14,12 +14,13 @@ baseline; ZeRO-3 also runs once with DeepSpeed's default 5e8-element buckets
 (``distributed.bucket_elements``: 1/8 of the parameters, at least d_model^2). Any further
 ``--section.key=value`` arguments go to every job's distllm config.
 
-Much of the peak RSS is heap memory that the process freed but glibc's allocator kept: the
-per-parameter tensors (a few MB each) are served from the heap once glibc's dynamic mmap threshold
-has grown, and fragmentation keeps those pages. The "RSS by phase" table shows it ('trimmed' is
-the RSS after ``malloc_trim(0)`` at the end), and DDP and ZeRO-3 run once more with
-``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (tensors of 64 KiB and more get their own
-mappings, returned to the system when freed), the "mmap64K" rows.
+Peak RSS depends on the allocator as much as on the engine. glibc's dynamic mmap threshold grows to
+the largest block freed (up to 32 MiB), after which the per-parameter tensors (a few MB each) come
+from the heap and fragmentation keeps freed pages resident. distllm fixes the threshold at 4 MiB on
+CPU (``distllm/hostmem.py``: tensors that large get their own mappings, returned to the system when
+freed), so the main rows are what ``distllm train`` does; the "glibc default" rows run DDP and
+ZeRO-3 again with ``DISTLLM_MMAP_THRESHOLD=0`` (glibc left alone). The "RSS by phase" table shows the
+rest ('trimmed' is the RSS after ``malloc_trim(0)`` at the end).
 
 What is counted ("state" per rank), at the accumulation boundary of the last step: after the
 backward pass (for DeepSpeed the engine's own ``backward()``, called here without its ``step()``, so
@@ -46,14 +47,16 @@ second copy of every gradient since Accelerate keeps ``gradient_as_bucket_view=F
 graph, freed by then), allocator caches, and the libraries themselves. Peak RSS is ``VmHWM`` of each
 rank (the same figure as ``ru_maxrss``), read after the last step; "base RSS" is the RSS with torch
 and distllm imported, before ``distributed.setup`` (which imports Accelerate and DeepSpeed: the
-"setup" phase); "RSS@bnd" the RSS at the measured boundary. Every figure is the
-larger of the two ranks. The target lines compare the default-allocator rows.
+"setup" phase); "RSS@bnd" the RSS at the measured boundary; "s/step" the median time of the steps
+after the first (which allocates everything), without the counting. Every figure is the larger of
+the two ranks. The target lines compare the main rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +69,7 @@ FULL_MODEL = {"n_layers": 12, "n_heads": 12, "d_model": 768, "ffn_hidden": 2048,
               "max_seq_len": 1024, "tie_embeddings": True}
 TINY_MODEL = {"n_layers": 2, "n_heads": 4, "d_model": 64, "ffn_hidden": 192, "vocab_size": 512,
               "max_seq_len": 64, "tie_embeddings": True}
-MMAP_64K = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: allocations >= 64 KiB get their own mapping
+GLIBC_DEFAULT = {"DISTLLM_MMAP_THRESHOLD": "0"}  # distllm leaves glibc's dynamic mmap threshold alone
 # label -> (distllm config overrides, environment of the job)
 ENGINES = {
     "DDP": ([], {}),
@@ -74,8 +77,8 @@ ENGINES = {
     "ZeRO-2": (["--distributed.zero_stage=2"], {}),
     "ZeRO-3": (["--distributed.zero_stage=3"], {}),
     "ZeRO-3 5e8 buckets": (["--distributed.zero_stage=3", "--distributed.bucket_elements=500000000"], {}),
-    "DDP mmap64K": ([], MMAP_64K),
-    "ZeRO-3 mmap64K": (["--distributed.zero_stage=3"], MMAP_64K),
+    "DDP glibc default": ([], GLIBC_DEFAULT),
+    "ZeRO-3 glibc default": (["--distributed.zero_stage=3"], GLIBC_DEFAULT),
 }
 CATEGORIES = ("params", "master", "grads", "optimizer")
 MB = 1e6
@@ -134,8 +137,9 @@ def worker(args: argparse.Namespace) -> None:
 
     tokens = torch.Generator().manual_seed(rt.rank)
     counted: dict[str, int] = {}
-    t0 = time.perf_counter()
+    step_times = []  # seconds per step, without the counting
     for step in range(args.steps):
+        t0 = time.perf_counter()
         window = torch.randint(0, cfg.model.vocab_size, (1, seq + 1), generator=tokens)  # (B, T+1)
         measure = step == args.steps - 1
         with rt.accumulate(model):
@@ -147,10 +151,13 @@ def worker(args: argparse.Namespace) -> None:
                 rt.backward(loss)
         if measure:
             del loss
+            t_count = time.perf_counter()
             counted = count_state(rt, model, optimizer)
+            t0 += time.perf_counter() - t_count
             if rt.deepspeed:
                 model.step()
         rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
+        step_times.append(time.perf_counter() - t0)
         if step == 0:
             phases["step 1"] = rss_bytes()
     phases["end"] = rss_bytes()
@@ -161,7 +168,7 @@ def worker(args: argparse.Namespace) -> None:
         "bucket_elements": distributed.bucket_elements(cfg) if rt.deepspeed else None,
         "base_rss": base_rss,
         "peak_rss": peak_rss_bytes(),
-        "seconds_per_step": (time.perf_counter() - t0) / args.steps,
+        "seconds_per_step": statistics.median(step_times[1:]),  # the first step allocates everything
         "phases": phases,
         **counted,
     }
@@ -236,6 +243,8 @@ def main() -> None:
         return worker(args)
     engines = [e.strip() for e in args.engines.split(",")]
     unknown = [e for e in engines if e not in ENGINES]
+    if args.steps < 2:
+        raise SystemExit("--steps: at least 2 (the first step is not timed)")
     if unknown or "DDP" not in engines:
         raise SystemExit(f"--engines: unknown {unknown} (DDP, the baseline, is required); choose from {list(ENGINES)}")
     shape = TINY_MODEL if args.tiny else FULL_MODEL
@@ -275,7 +284,7 @@ def print_table(results: dict[str, dict]) -> None:
               + f"{r['grad_api'] / MB:>9.1f}{r['optimizer'] / MB:>9.1f}{state / MB:>9.1f}"
               + f"{state / state_of(ddp):>7.2f}{r['optimizer'] / ddp['optimizer']:>8.2f}"
               + f"{r['base_rss'] / MB:>9.0f}{r['rss_at_boundary'] / MB:>9.0f}{r['peak_rss'] / MB:>9.0f}"
-              + f"{r['peak_rss'] / ddp['peak_rss']:>7.2f}{r['seconds_per_step']:>7.1f}")
+              + f"{r['peak_rss'] / ddp['peak_rss']:>7.2f}{r['seconds_per_step']:>7.2f}")
     print("(state = params + master + grads + optim; optim = AdamW moments; x DDP = ratio to the DDP row)\n")
 
     def target(label: str, what: str, value: float, limit: float, note: str = "") -> None:
@@ -292,9 +301,15 @@ def print_table(results: dict[str, dict]) -> None:
                f"; with its fp32 master partition {(z1['optimizer'] + z1['master']) / ddp['optimizer']:.2f}x")
     if "ZeRO-3" in results:
         target("ZeRO-3", "peak RSS per rank", results["ZeRO-3"]["peak_rss"] / ddp["peak_rss"], 0.8)
-    if "ZeRO-3 mmap64K" in results and "DDP mmap64K" in results:
-        target("ZeRO-3", "peak RSS per rank, both with MALLOC_MMAP_THRESHOLD_=65536,",
-               results["ZeRO-3 mmap64K"]["peak_rss"] / results["DDP mmap64K"]["peak_rss"], 0.8)
+    if "ZeRO-3 glibc default" in results and "DDP glibc default" in results:
+        r = results["ZeRO-3 glibc default"]["peak_rss"] / results["DDP glibc default"]["peak_rss"]
+        print(f"ratio ZeRO-3 peak RSS per rank / DDP, both with glibc's default mmap threshold: {r:.2f}x")
+        for label in ("DDP", "ZeRO-3"):  # what distllm's fixed threshold costs in step time
+            if label in results:
+                fixed, default = results[label], results[f"{label} glibc default"]
+                print(f"ratio {label} peak RSS / the same with glibc's default: "
+                      f"{fixed['peak_rss'] / default['peak_rss']:.2f}x; s/step "
+                      f"{fixed['seconds_per_step'] / default['seconds_per_step']:.2f}x")
     if "ZeRO-3 5e8 buckets" in results:
         d = results["ZeRO-3 5e8 buckets"]
         print(f"ratio ZeRO-3 with DeepSpeed's 5e8 buckets peak RSS / DDP: {d['peak_rss'] / ddp['peak_rss']:.2f}x "

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from distllm import hostmem
 from distllm.config import Config, TrainConfig
 from distllm.errors import ConfigError
 
@@ -321,6 +322,7 @@ def setup(cfg: Config) -> Runtime:
     device_type = resolve_device(t.device).type
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by Accelerate) would probe for GPUs
+        hostmem.set_mmap_threshold()  # before the model is built: freed tensors leave the RSS
     if t.debug:
         os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the op that caused them
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS

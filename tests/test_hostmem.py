@@ -1,0 +1,82 @@
+"""distllm.hostmem: on CPU, tensors of 4 MiB and more get their own mappings, so freed memory leaves the RSS.
+
+Each case runs in a fresh process (glibc's dynamic threshold is per-process state). After a 20 MB
+tensor is freed, glibc's default threshold has grown past 5 MB, so a 5 MB tensor comes from the heap;
+with distllm's fixed threshold it is mapped on its own (``mallinfo2().hblks`` counts the mappings).
+"""
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+
+PROBE = r"""
+import ctypes, json, sys
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+how, result = sys.argv[1], None
+if how == "function":
+    from distllm import hostmem
+    result = hostmem.set_mmap_threshold()
+elif how == "setup":  # what `distllm train` does on CPU
+    from distllm import distributed
+    from distllm.config import from_dict
+    distributed.setup(from_dict({"model": {"n_layers": 1, "n_heads": 2, "d_model": 32, "vocab_size": 256,
+                                           "max_seq_len": 16}, "tokenizer": {"vocab_size": 256},
+                                 "data": {"seq_len": 16}, "train": {"device": "cpu", "micro_batch_size": 1,
+                                                                    "global_batch_size": 1}}))
+big = torch.ones(5_000_000)  # 20 MB: mapped, and freeing it raises glibc's dynamic threshold
+del big
+before = libc.mallinfo2().hblks
+t = torch.ones(1_250_000)  # 5 MB
+mapped = libc.mallinfo2().hblks > before
+print(json.dumps({"result": result, "mapped": mapped}))
+"""
+
+
+def probe(how: str, **env) -> dict:
+    import os
+
+    e = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "DISTLLM_MMAP_THRESHOLD")}
+    e.update(env)
+    r = subprocess.run([sys.executable, "-c", PROBE, how], capture_output=True, text=True, env=e, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_glibc_default_serves_a_5mb_tensor_from_the_heap():
+    assert probe("none") == {"result": None, "mapped": False}  # the behaviour distllm changes
+
+
+def test_fixed_threshold_maps_a_5mb_tensor_on_its_own():
+    assert probe("function") == {"result": 4 << 20, "mapped": True}
+
+
+def test_training_setup_on_cpu_fixes_the_threshold():
+    assert probe("setup")["mapped"] is True
+
+
+def test_zero_or_glibc_own_setting_leaves_glibc_alone():
+    assert probe("function", DISTLLM_MMAP_THRESHOLD="0") == {"result": None, "mapped": False}
+    assert probe("function", MALLOC_MMAP_THRESHOLD_="33554432")["result"] is None
+
+
+def test_a_bad_value_is_a_config_error(monkeypatch):
+    from distllm import hostmem
+    from distllm.errors import ConfigError
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("DISTLLM_MMAP_THRESHOLD", "4MB")
+    with pytest.raises(ConfigError, match="DISTLLM_MMAP_THRESHOLD must be a number of bytes"):
+        hostmem.set_mmap_threshold()
