@@ -18,8 +18,10 @@ Peak RSS depends on the allocator as much as on the engine. glibc's dynamic mmap
 the largest block freed (up to 32 MiB), after which the per-parameter tensors (a few MB each) come
 from the heap and fragmentation keeps freed pages resident. distllm fixes the threshold at 4 MiB on
 CPU (``distllm/hostmem.py``: tensors that large get their own mappings, returned to the system when
-freed), so the main rows are what ``distllm train`` does; the "glibc default" rows run DDP and
-ZeRO-3 again with ``DISTLLM_MMAP_THRESHOLD=0`` (glibc left alone). The "RSS by phase" table shows the
+freed), and asks torch for transparent huge pages on tensors of 2 MiB and more (a page fault per
+2 MiB, not per 4 KiB, which is what makes the mapped tensors cheap), so the main rows are what
+``distllm train`` does; the "glibc default" rows run DDP and ZeRO-3 again with
+``DISTLLM_MMAP_THRESHOLD=0`` (glibc's threshold left alone; huge pages still on). The "RSS by phase" table shows the
 rest ('trimmed' is the RSS after ``malloc_trim(0)`` at the end).
 
 What is counted ("state" per rank), at the accumulation boundary of the last step: after the
@@ -102,6 +104,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import distllm  # noqa: F401  first, as in `python -m distllm`: it asks torch for huge pages (distllm/hostmem.py)
     import torch
 
     from distllm import distributed

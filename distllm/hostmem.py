@@ -1,14 +1,24 @@
-"""Host memory on CPU runs: hand memory the process frees back to the system.
+"""Host memory on CPU runs: hand memory the process frees back to the system, cheaply.
 
 glibc serves an allocation from its heap unless it is at least the mmap threshold, and that
 threshold is dynamic: it grows to the size of the largest block freed so far (up to 32 MiB). After a
 few steps every per-layer tensor (a gathered ZeRO-3 parameter, its gradient, an activation) comes
 from the heap, and fragmentation keeps the freed pages resident. On CPU those pages are the
-training memory: ZeRO-3's peak RSS on 2 processes was 0.87x DDP's with glibc's default and 0.68x with
-a fixed 4 MiB threshold, at the same step time (benchmarks/bench_memory.py, bench_train_step.py).
+training memory: over 8 steps on 2 processes (benchmarks/bench_memory.py, 100.7M parameters),
+ZeRO-3's peak RSS reached 0.8-1.05x DDP's with glibc's threshold and stayed at 0.67-0.69x with a
+fixed 4 MiB one.
 
 ``DISTLLM_MMAP_THRESHOLD`` (bytes; 0 leaves glibc's default) overrides the threshold, and one set in
 glibc's own environment (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) is left alone.
+
+A mapped tensor starts with no pages, and every 4 KiB page costs a fault when first written: ZeRO-3,
+which gathers every parameter twice a step, ran its steps 1.2-1.4x slower with the fixed threshold.
+PyTorch can ask for transparent huge pages on its CPU tensors of 2 MiB and more
+(``madvise(MADV_HUGEPAGE)``), a fault per 2 MiB: with them ZeRO-3's step time with the fixed
+threshold was 0.96-1.14x of without, in three runs (this machine's noise). Torch reads
+``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so ``import distllm`` sets it when torch is
+not imported yet (``python -m distllm``, ``torchrun -m distllm``); a value in the environment wins
+(0 turns it off).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 
 MMAP_THRESHOLD = 4 << 20  # tensors of 4 MiB and more get their own mapping, unmapped when freed
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
@@ -40,3 +51,11 @@ def set_mmap_threshold() -> int | None:
         return None
     libc = ctypes.CDLL(None)
     return threshold if libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1 else None
+
+
+def enable_huge_pages() -> bool:
+    """Ask torch for transparent huge pages on large CPU tensors, if torch is not imported yet."""
+    if platform.system() != "Linux" or "torch" in sys.modules:
+        return False
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return True

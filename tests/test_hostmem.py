@@ -80,3 +80,45 @@ def test_a_bad_value_is_a_config_error(monkeypatch):
     monkeypatch.setenv("DISTLLM_MMAP_THRESHOLD", "4MB")
     with pytest.raises(ConfigError, match="DISTLLM_MMAP_THRESHOLD must be a number of bytes"):
         hostmem.set_mmap_threshold()
+
+
+HUGE = r"""
+import os, sys
+if sys.argv[1] == "distllm-first":
+    import distllm  # noqa: F401
+import torch
+
+t = torch.ones(16_000_000)  # 64 MB
+huge = [int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge[0] if huge else 0}))
+""".replace("import os, sys", "import json, os, sys")
+
+
+def huge_probe(order: str, **env) -> dict:
+    import os
+
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    e.update(env)
+    r = subprocess.run([sys.executable, "-c", HUGE, order], capture_output=True, text=True, env=e, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text.split("[")[1].split("]")[0] if "[" in text else "unknown"
+
+
+def test_import_distllm_asks_torch_for_huge_pages_unless_told_otherwise():
+    assert huge_probe("distllm-first")["env"] == "1"
+    assert huge_probe("distllm-first", THP_MEM_ALLOC_ENABLE="0")["env"] == "0"  # the environment wins
+    assert huge_probe("torch-only")["env"] is None
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="huge pages on request only where THP is in madvise mode")
+def test_large_tensors_get_huge_pages_when_distllm_is_imported_first():
+    assert huge_probe("torch-only")["huge_kb"] == 0
+    assert huge_probe("distllm-first")["huge_kb"] > 0
