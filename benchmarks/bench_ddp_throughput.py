@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import distllm  # noqa: F401  first, as in `python -m distllm`: it asks torch for huge pages (distllm/hostmem.py)
     import torch
 
     from distllm import distributed
