@@ -89,7 +89,7 @@ MB = 1e6
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="a toy model: a seconds-long smoke run")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps; the last one is measured")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps, at least 2 (the first is not timed)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

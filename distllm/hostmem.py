@@ -5,8 +5,8 @@ threshold is dynamic: it grows to the size of the largest block freed so far (up
 few steps every per-layer tensor (a gathered ZeRO-3 parameter, its gradient, an activation) comes
 from the heap, and fragmentation keeps the freed pages resident. On CPU those pages are the
 training memory: over 8 steps on 2 processes (benchmarks/bench_memory.py, 100.7M parameters),
-ZeRO-3's peak RSS reached 0.8-1.05x DDP's with glibc's threshold and stayed at 0.67-0.69x with a
-fixed 4 MiB one.
+ZeRO-3's peak RSS wandered between 0.79x and 1.05x DDP's with glibc's threshold and stayed at
+0.67-0.69x with a fixed 4 MiB one.
 
 ``DISTLLM_MMAP_THRESHOLD`` (bytes; 0 leaves glibc's default) overrides the threshold, and one set in
 glibc's own environment (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) is left alone.
@@ -14,8 +14,8 @@ glibc's own environment (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) is left
 A mapped tensor starts with no pages, and every 4 KiB page costs a fault when first written: ZeRO-3,
 which gathers every parameter twice a step, ran its steps 1.2-1.4x slower with the fixed threshold.
 PyTorch can ask for transparent huge pages on its CPU tensors of 2 MiB and more
-(``madvise(MADV_HUGEPAGE)``), a fault per 2 MiB: with them ZeRO-3's step time with the fixed
-threshold was 0.96-1.14x of without, in three runs (this machine's noise). Torch reads
+(``madvise(MADV_HUGEPAGE)``), a fault per 2 MiB: with them, step time with the fixed threshold was
+1.05x of without on average (0.96-1.14x over four runs each of DDP and ZeRO-3, a noisy machine). Torch reads
 ``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so ``import distllm`` sets it when torch is
 not imported yet (``python -m distllm``, ``torchrun -m distllm``); a value in the environment wins
 (0 turns it off).
