@@ -15,10 +15,10 @@ A mapped tensor starts with no pages, and every 4 KiB page costs a fault when fi
 which gathers every parameter twice a step, ran its steps 1.2-1.4x slower with the fixed threshold.
 PyTorch can ask for transparent huge pages on its CPU tensors of 2 MiB and more
 (``madvise(MADV_HUGEPAGE)``), a fault per 2 MiB: with them, step time with the fixed threshold was
-1.05x of without on average (0.96-1.14x over four runs each of DDP and ZeRO-3, a noisy machine). Torch reads
-``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so ``import distllm`` sets it when torch is
-not imported yet (``python -m distllm``, ``torchrun -m distllm``); a value in the environment wins
-(0 turns it off).
+1.05x of without on average (0.96-1.14x over four runs each of DDP and ZeRO-3, a noisy machine).
+Torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so ``import distllm`` sets it
+when torch is not imported yet (``python -m distllm``, ``torchrun -m distllm``); a value in the
+environment wins (0 turns it off).
 """
 
 from __future__ import annotations
