@@ -72,7 +72,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import distllm  # noqa: F401  first, as in `python -m distllm`: it asks torch for huge pages (distllm/hostmem.py)
+    from distllm import hostmem
+
+    hostmem.enable_huge_pages()  # before torch, as the distllm command does (distllm/hostmem.py)
     import torch
 
     from distllm import distributed

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from distllm import hostmem
 from distllm.errors import UserError
 
 OVERRIDES_HELP = (
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hostmem.enable_huge_pages()  # first: torch reads the setting at its first allocation
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings and up
     logging.getLogger("distllm").setLevel(logging.INFO)
     parser = build_parser()

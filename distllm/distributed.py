@@ -542,8 +542,9 @@ def _share_fp32_partitions(zero) -> None:
     device (stage3.py ``_create_fp32_partitions``: "we don't need another copy of the weights"), but it
     compares ``tensor.device`` with the string ``current_device_name()`` ('cpu', 'cuda:0'), and a
     ``torch.device`` never equals a string, so 0.19 keeps a clone: 4 bytes per parameter / world size
-    per rank, a quarter of the ZeRO-3 state in fp32. Do what that branch does. Under bf16 the partitions
-    are bf16 and the fp32 master copy stays, as it must; offloaded or swapped partitions are left alone.
+    per rank, a fifth of the ZeRO-3 state in fp32 (4 + 4 + 4 + 8 bytes per parameter). Do what that
+    branch does. Under bf16 the partitions are bf16 and the fp32 master copy stays, as it must;
+    offloaded or swapped partitions are left alone.
     """
     if zero.offload_optimizer or getattr(zero, "swap_optimizer", False):
         return
@@ -553,7 +554,9 @@ def _share_fp32_partitions(zero) -> None:
             continue
         if master.data_ptr() == params.data_ptr() or master in zero.optimizer.state:
             continue
-        if not torch.equal(params, master):  # nothing has stepped yet: the copy must still be a copy
+        # nothing has stepped yet, so the copy must still be a copy; compared as bits because the last
+        # rank's padding is uninitialised memory, which may hold NaNs
+        if not torch.equal(params.view(torch.uint8), master.view(torch.uint8)):
             raise RuntimeError(f"ZeRO-3 fp32 partition {i} differs from its parameters before the first step")
         params.ds_id = master.ds_id
         params.requires_grad = True  # as DeepSpeed sets on its fp32 partitions

@@ -16,9 +16,12 @@ which gathers every parameter twice a step, ran its steps 1.2-1.4x slower with t
 PyTorch can ask for transparent huge pages on its CPU tensors of 2 MiB and more
 (``madvise(MADV_HUGEPAGE)``), a fault per 2 MiB: with them, step time with the fixed threshold was
 1.05x of without on average (0.96-1.14x over four runs each of DDP and ZeRO-3, a noisy machine).
-Torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so ``import distllm`` sets it
-when torch is not imported yet (``python -m distllm``, ``torchrun -m distllm``); a value in the
-environment wins (0 turns it off).
+Torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first allocation, so the ``distllm`` command sets
+it before anything imports torch (``distllm``, ``python -m distllm``, ``torchrun -m distllm``,
+``accelerate launch -m distllm``); a value in the environment wins (0 turns it off). Importing
+distllm as a library changes neither setting until ``distributed.setup`` runs on CPU, and then
+only the threshold, for the rest of the process. Under ``LD_PRELOAD`` of another allocator
+(jemalloc, tcmalloc, mimalloc) the threshold is left alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def set_mmap_threshold() -> int | None:
         return None
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return None
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return None  # malloc is not glibc's here
     raw = os.environ.get("DISTLLM_MMAP_THRESHOLD", str(MMAP_THRESHOLD))
     try:
         threshold = int(raw)
@@ -54,7 +59,8 @@ def set_mmap_threshold() -> int | None:
 
 
 def enable_huge_pages() -> bool:
-    """Ask torch for transparent huge pages on large CPU tensors, if torch is not imported yet."""
+    """Ask torch for transparent huge pages on CPU tensors of 2 MiB and more (this process and its
+    children), if torch is not imported yet."""
     if platform.system() != "Linux" or "torch" in sys.modules:
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -84,8 +84,14 @@ def test_a_bad_value_is_a_config_error(monkeypatch):
 
 HUGE = r"""
 import os, sys
-if sys.argv[1] == "distllm-first":
-    import distllm  # noqa: F401
+if sys.argv[1] == "hostmem-first":
+    from distllm import hostmem
+    hostmem.enable_huge_pages()
+elif sys.argv[1] == "cli-first":  # the distllm command (its config error returns 2 before torch is used)
+    from distllm.__main__ import main
+    assert main(["eval", "/nonexistent/run.yaml"]) == 2
+elif sys.argv[1] == "library":
+    import distllm.config, distllm.model  # noqa: F401
 import torch
 
 t = torch.ones(16_000_000)  # 64 MB
@@ -97,7 +103,7 @@ print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge
 def huge_probe(order: str, **env) -> dict:
     import os
 
-    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    e = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")}
     e.update(env)
     r = subprocess.run([sys.executable, "-c", HUGE, order], capture_output=True, text=True, env=e, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -112,13 +118,17 @@ def thp_mode() -> str:
     return text.split("[")[1].split("]")[0] if "[" in text else "unknown"
 
 
-def test_import_distllm_asks_torch_for_huge_pages_unless_told_otherwise():
-    assert huge_probe("distllm-first")["env"] == "1"
-    assert huge_probe("distllm-first", THP_MEM_ALLOC_ENABLE="0")["env"] == "0"  # the environment wins
-    assert huge_probe("torch-only")["env"] is None
+def test_the_distllm_command_asks_torch_for_huge_pages_unless_told_otherwise():
+    assert huge_probe("cli-first")["env"] == "1"
+    assert huge_probe("hostmem-first", THP_MEM_ALLOC_ENABLE="0")["env"] == "0"  # the environment wins
+    assert huge_probe("library")["env"] is None  # importing distllm as a library changes nothing
 
 
 @pytest.mark.skipif(thp_mode() != "madvise", reason="huge pages on request only where THP is in madvise mode")
-def test_large_tensors_get_huge_pages_when_distllm_is_imported_first():
+def test_large_tensors_get_huge_pages_when_asked_before_torch():
     assert huge_probe("torch-only")["huge_kb"] == 0
-    assert huge_probe("distllm-first")["huge_kb"] > 0
+    assert huge_probe("hostmem-first")["huge_kb"] > 0
+
+
+def test_another_allocator_is_left_alone():
+    assert probe("function", LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")["result"] is None
