@@ -63,7 +63,7 @@ catches() {
 }
 
 forward_usr1() {
-    local pid n=0 usr1
+    local pid n=0 usr1 sent="" skipped=""
     usr1=$(kill -l USR1)
     if [ -n "${SIGNAL_MARKER:-}" ]; then
         date +%s >"$SIGNAL_MARKER" 2>/dev/null || true
@@ -71,9 +71,13 @@ forward_usr1() {
     for pid in $(descendants "$child"); do
         if catches "$pid" "$usr1" && kill -USR1 "$pid" 2>/dev/null; then
             n=$((n + 1))
+            sent+=" $pid"
+        else
+            skipped+=" $pid"
         fi
     done
-    echo "forward_signals: SIGUSR1 forwarded to $n process(es)" >&2
+    # the pids say which process was or was not reached, should a worker ever miss the signal
+    echo "forward_signals: SIGUSR1 forwarded to $n process(es) (pids:${sent:- none}; not catching it:${skipped:- none})" >&2
 }
 
 forward() {
