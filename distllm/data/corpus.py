@@ -285,15 +285,8 @@ def _read_jsonl(span: Span, field: str) -> Iterator[str | Bad]:
 def _json_line(line: bytes, path: str, offset: int, field: str) -> Iterator[str | Bad]:
     if not line.strip():
         return
-    text = _decode(line, path)
-    if isinstance(text, Bad):
-        yield text
-        return
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"could not read corpus {path}: JSON parse error at byte {offset + e.pos}: {e.msg}") from None
-    yield _field(row, path, field)
+    row = _parse_json(line, path, offset)
+    yield row if isinstance(row, Bad) else _field(row, path, field)
 
 
 def _read_json_file(path: str, field: str) -> Iterator[str | Bad]:
@@ -306,16 +299,23 @@ def _read_json_file(path: str, field: str) -> Iterator[str | Bad]:
             yield from _json_line(line, path, offset, field)
             offset += len(line)
         return
-    text = _decode(data, path)
-    if isinstance(text, Bad):
-        yield text
+    rows = _parse_json(data, path, 0)
+    if isinstance(rows, Bad):
+        yield rows
         return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"could not read corpus {path}: JSON parse error at byte {e.pos}: {e.msg}") from None
     for row in rows:
         yield _field(row, path, field)
+
+
+def _parse_json(data: bytes, path: str, offset: int) -> object:
+    """The JSON value in ``data`` (found at byte ``offset`` of ``path``), or Bad if it is not UTF-8."""
+    text = _decode(data, path)
+    if isinstance(text, Bad):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"could not read corpus {path}: JSON parse error at byte {offset + e.pos}: {e.msg}") from None
 
 
 def _field(row: object, path: str, field: str) -> str | Bad:
