@@ -17,7 +17,7 @@ moments exist, then, alternating over --rounds rounds:
   ``torch.load(weights_only=True)`` followed by ``load_state_dict`` on the model and the optimizer.
 
 Inside the timed distllm calls, the time spent in four functions is summed by thin wrappers:
-sha256 hashing (``checkpoint.sha256_file``), fsync (``checkpoint._fsync``), writing tensors
+sha256 hashing (``checkpoint.sha256_file``), fsync (``checkpoint.fsync_path``), writing tensors
 (``safetensors.torch.save_file``) and collecting the state to write (``Runtime.owned_state``).
 
 The training loop is blocked for the whole save: ``checkpoint.save`` is synchronous, so blocked
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import statistics
 import sys
@@ -96,14 +95,6 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def time_calls(totals: dict[str, float]):
     """Sum the seconds spent in the functions distllm's save/load calls, by part, into ``totals``."""
@@ -112,7 +103,7 @@ def time_calls(totals: dict[str, float]):
     from distllm import checkpoint
     from distllm.distributed import Runtime
 
-    targets = [(checkpoint, "sha256_file", "sha256"), (checkpoint, "_fsync", "fsync"),
+    targets = [(checkpoint, "sha256_file", "sha256"), (checkpoint, "fsync_path", "fsync"),
                (safetensors.torch, "save_file", "write tensors"), (Runtime, "owned_state", "collect state")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
 
@@ -199,7 +190,7 @@ def single_process(args: argparse.Namespace, root: Path) -> dict[str, list[float
                 t0 = time.perf_counter()
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, file)
                 t["torch.save"].append(time.perf_counter() - t0)
-                fsync_file(file)
+                checkpoint.fsync_path(file)  # the fsync distllm's save does
                 t["torch.save + fsync"].append(time.perf_counter() - t0)
                 sizes["torch"] = file.stat().st_size
                 t0 = time.perf_counter()

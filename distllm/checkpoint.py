@@ -289,7 +289,7 @@ def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer,
                 shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
                 written.append("tokenizer.json")
         for name in written:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
     except Exception as e:  # torch / safetensors report a full disk as RuntimeError or SafetensorError
         error = _describe(e)
@@ -309,13 +309,13 @@ def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer,
                         "engine": rt.engine_name, "files": {}}
             for rank_files, _ in reports:
                 manifest["files"].update(rank_files)
-            _fsync(tmp)
+            fsync_path(tmp)
             if final.exists():  # an uncommitted leftover of a crashed save of this step
                 shutil.rmtree(final)
             tmp.rename(final)
             write_durably(final / MARKER, json.dumps(manifest, indent=1) + "\n")
-            _fsync(final)
-            _fsync(root)
+            fsync_path(final)
+            fsync_path(root)
             for old in complete_checkpoints(run_dir)[:-keep_last]:
                 _retire(old, root / f".old-{old.name}")
         except Exception as e:
@@ -345,7 +345,7 @@ def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
 def _retire(path: Path, trash: Path) -> None:
     """Delete a checkpoint so that it is never half-trusted: marker first, then the files."""
     (path / MARKER).unlink(missing_ok=True)
-    _fsync(path)
+    fsync_path(path)
     shutil.rmtree(trash, ignore_errors=True)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -438,7 +438,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename inside it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
