@@ -1,11 +1,14 @@
-"""distllm.hostmem: on CPU, tensors of 4 MiB and more get their own mappings, so freed memory leaves the RSS.
+"""distllm.hostmem: on CPU, tensors of 4 MiB and more get their own mappings, so freed memory leaves the RSS,
+and the distllm command asks torch for huge pages.
 
-Each case runs in a fresh process (glibc's dynamic threshold is per-process state). After a 20 MB
-tensor is freed, glibc's default threshold has grown past 5 MB, so a 5 MB tensor comes from the heap;
-with distllm's fixed threshold it is mapped on its own (``mallinfo2().hblks`` counts the mappings).
+Each case runs in a fresh process (glibc's dynamic threshold and torch's huge-page setting are
+per-process state). After a 20 MB tensor is freed, glibc's default threshold has grown past 5 MB,
+so a 5 MB tensor comes from the heap; with distllm's fixed threshold it is mapped on its own
+(``mallinfo2().hblks`` counts the mappings).
 """
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -45,14 +48,21 @@ print(json.dumps({"result": result, "mapped": mapped}))
 """
 
 
-def probe(how: str, **env) -> dict:
-    import os
+# the allocator settings of this environment, which each probe starts without
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "DISTLLM_MMAP_THRESHOLD", "THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")
 
-    e = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "DISTLLM_MMAP_THRESHOLD")}
+
+def run(script: str, arg: str, **env) -> dict:
+    """Run ``script`` in a fresh process with ``env`` added; the JSON object it printed last."""
+    e = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     e.update(env)
-    r = subprocess.run([sys.executable, "-c", PROBE, how], capture_output=True, text=True, env=e, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, env=e, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def probe(how: str, **env) -> dict:
+    return run(PROBE, how, **env)
 
 
 def test_glibc_default_serves_a_5mb_tensor_from_the_heap():
@@ -83,7 +93,7 @@ def test_a_bad_value_is_a_config_error(monkeypatch):
 
 
 HUGE = r"""
-import os, sys
+import json, os, sys
 if sys.argv[1] == "hostmem-first":
     from distllm import hostmem
     hostmem.enable_huge_pages()
@@ -97,17 +107,11 @@ import torch
 t = torch.ones(16_000_000)  # 64 MB
 huge = [int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
 print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge_kb": huge[0] if huge else 0}))
-""".replace("import os, sys", "import json, os, sys")
+"""
 
 
 def huge_probe(order: str, **env) -> dict:
-    import os
-
-    e = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")}
-    e.update(env)
-    r = subprocess.run([sys.executable, "-c", HUGE, order], capture_output=True, text=True, env=e, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run(HUGE, order, **env)
 
 
 def thp_mode() -> str:
