@@ -18,7 +18,7 @@ moments exist, then, alternating over --rounds rounds:
 
 Inside the timed distllm calls, the time spent in four functions is summed by thin wrappers:
 sha256 hashing (``checkpoint.sha256_file``), fsync (``checkpoint.fsync_path``), writing tensors
-(``safetensors.torch.save_file``) and collecting the state to write (``Runtime.owned_state``).
+(``safetensors.torch.save_file``) and collecting the state to write (``checkpoint.owned_state``).
 
 The training loop is blocked for the whole save: ``checkpoint.save`` is synchronous, so blocked
 time = total time. Files are written to --dir (default: a temporary directory) and read back right
@@ -101,10 +101,9 @@ def time_calls(totals: dict[str, float]):
     import safetensors.torch
 
     from distllm import checkpoint
-    from distllm.distributed import Runtime
 
     targets = [(checkpoint, "sha256_file", "sha256"), (checkpoint, "fsync_path", "fsync"),
-               (safetensors.torch, "save_file", "write tensors"), (Runtime, "owned_state", "collect state")]
+               (safetensors.torch, "save_file", "write tensors"), (checkpoint, "owned_state", "collect state")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
 
     def wrap(fn, part):
@@ -149,13 +148,15 @@ def single_process(args: argparse.Namespace, root: Path) -> dict[str, list[float
     import torch
 
     from distllm import checkpoint, distributed
+
+    from distllm.model import Transformer
     from distllm.model import count_params
     from distllm.optim import build_optimizer
 
     cfg = config(args.tiny)
     rt = distributed.local_runtime()
     torch.manual_seed(cfg.train.seed)
-    model = cfg.model.build()
+    model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
     print(f"part 1: one process, {count_params(cfg.model) / 1e6:.1f}M parameters + AdamW moments, fp32 | "
@@ -229,12 +230,14 @@ def zero2_worker(args: argparse.Namespace) -> None:
     import torch
 
     from distllm import checkpoint, distributed
+
+    from distllm.model import Transformer
     from distllm.optim import build_optimizer
 
     cfg = config(args.tiny, zero_stage=2)
     rt = distributed.setup(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = cfg.model.build().to(rt.device)
+    model = Transformer(cfg.model).to(rt.device)
     optimizer = build_optimizer(model, cfg.optim, rt.device.type)
     model, optimizer = rt.parallelize(model, optimizer, cfg.train)
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)

@@ -78,6 +78,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from distllm import distributed
+
+    from distllm.model import Transformer
     from distllm.config import from_dict
     from distllm.loss import next_token_loss
     from distllm.model import count_params
@@ -94,7 +96,7 @@ def worker(args: argparse.Namespace) -> None:
     rt = distributed.setup(cfg)
     torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.train.seed)
-    model = cfg.model.build().to(rt.device)
+    model = Transformer(cfg.model).to(rt.device)
     optimizer = build_optimizer(model, cfg.optim, rt.device.type)
     model, optimizer = rt.parallelize(model, optimizer, cfg.train)
     tokens = torch.Generator().manual_seed(rt.rank)

@@ -43,6 +43,7 @@ from distllm.data.order import Permutation
 from distllm.data.packing import document_attention_mask
 from distllm.data.shards import HEADER_SIZE, open_shard, verify, write_manifest, write_shard
 from distllm.tokenizer import fingerprint, save_tokenizer, train_tokenizer
+from distllm.batch_plan import BatchPlan
 
 VOCAB = 32768
 EOT = 0
@@ -113,7 +114,7 @@ def bench_throughput(args, root: Path) -> None:
     cfg = DataConfig(dir=str(data_dir), seq_len=T)
 
     t0 = time.perf_counter()
-    verify_all = build_train_loader(cfg, micro_batch_size=B, global_batch_size=B, seed=0)
+    verify_all = build_train_loader(cfg, BatchPlan(B, B), seed=0)
     shards = verify_all.sources[0]
     for k in range(shards.num_shards):
         shards.path(k)  # waits for the verification of shard k
@@ -126,9 +127,9 @@ def bench_throughput(args, root: Path) -> None:
 
     readers = {
         "distllm loader, synchronous": build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=0),
-                                                          micro_batch_size=B, global_batch_size=B, seed=0),
+                                                          BatchPlan(B, B), seed=0),
         "distllm loader, prefetch 4": build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=4),
-                                                         micro_batch_size=B, global_batch_size=B, seed=0),
+                                                         BatchPlan(B, B), seed=0),
     }
     rng = np.random.default_rng(0)
     fns = {name: (lambda r=r: next(r)) for name, r in readers.items()}
@@ -168,8 +169,7 @@ def startup_child(design: str, data_dir: str) -> None:
     B, T = 16, 1024
     t0 = time.perf_counter()
     if design == "distllm":
-        loader = build_train_loader(DataConfig(dir=data_dir, seq_len=T, prefetch=0), micro_batch_size=B,
-                                    global_batch_size=B, seed=0)
+        loader = build_train_loader(DataConfig(dir=data_dir, seq_len=T, prefetch=0), BatchPlan(B, B), seed=0)
         built = time.perf_counter() - t0
         next(loader)
         loader.close()
@@ -268,7 +268,7 @@ def bench_document_mask(args, root: Path) -> None:
 
     model, opt, data_dir, B, T = debug_model_setup(root)
     loader = build_train_loader(DataConfig(dir=str(data_dir), seq_len=T, prefetch=0, document_mask=True),
-                                micro_batch_size=B, global_batch_size=B, seed=0)
+                                BatchPlan(B, B), seed=0)
     window = next(loader)
     masks = {"causal (baseline)": None, "per-document": document_attention_mask(loader.last_doc_ids)}
     docs_per_window = float((loader.last_doc_ids[:, -1] + 1).float().mean())
@@ -313,7 +313,7 @@ def bench_data_wait(args, root: Path) -> None:
     print(f"debug model training steps, batch {B} x {T}, {args.wait_steps} steps each, CPU fp32:")
     for prefetch in (0, 2):
         cfg = DataConfig(dir=str(data_dir), seq_len=T, prefetch=prefetch)
-        with build_train_loader(cfg, micro_batch_size=B, global_batch_size=B, seed=0) as loader:
+        with build_train_loader(cfg, BatchPlan(B, B), seed=0) as loader:
             for _ in range(2):  # warm-up: shard verification, thread start
                 train_step(model, opt, next(loader))
             waited = total = 0.0

@@ -110,6 +110,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from distllm import distributed
+
+    from distllm.model import Transformer
     from distllm.config import apply_overrides, from_dict
     from distllm.loss import next_token_loss
     from distllm.model import count_params
@@ -131,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
     phases = {"setup": rss_bytes()}  # RSS after each phase, then the peak so far
     torch.manual_seed(cfg.train.seed)
     with rt.init_context():  # ZeRO-3: partitioned as it is built
-        model = cfg.model.build()
+        model = Transformer(cfg.model)
     if rt.zero_stage != 3:
         model = model.to(rt.device)
     phases["build"] = rss_bytes()

@@ -14,7 +14,7 @@ Layout of a run directory::
 
 The format does not depend on the number of processes or the engine: a checkpoint written by 2
 ZeRO-3 ranks loads into 1 process, into DDP or into ZeRO-2 with no conversion step, with the
-Adam moments restored exactly (``Runtime.load_training_state`` maps them by parameter name).
+Adam moments restored exactly (``load_training_state`` maps them by parameter name).
 Nothing is pickled: tensors go through safetensors, everything else is JSON.
 
 Commit protocol (``save``), run by every rank:
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from distllm import faults
-from distllm.data.shards import sha256_file, write_durably
+from distllm import deepspeed_fence, faults
+from distllm.durable import fsync_path, sha256_file, write_durably
 from distllm.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -237,6 +237,85 @@ def copy_weights(model: torch.nn.Module, reader: TensorReader, path: Path) -> No
             p.copy_(t)
 
 
+# ---------------------------------------------------------------------------- engine state <-> tensors by name
+
+
+def _named_params(rt: "Runtime", model) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(rt.unwrap(model).named_parameters())  # shared (tied) tensors once, in a fixed order
+
+
+def owned_state(rt: "Runtime", model, optimizer) -> tuple[dict, dict, int]:
+    """(weights, AdamW moments, Adam step count) that this rank writes into a checkpoint: whole fp32
+    tensors by parameter name. DDP / one process: rank 0 writes everything. ZeRO: the shards are
+    gathered parameter by parameter (a collective) and parameter i is written by rank i % N."""
+    params = _named_params(rt, model)
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
+    if not rt.deepspeed:
+        step = 0
+        if rt.is_main:
+            for name, p in params:
+                weights[name] = p.detach().to("cpu", torch.float32).contiguous()
+                st = optimizer.state.get(p, {})
+                if "exp_avg" in st:
+                    moments[f"{name}.exp_avg"] = st["exp_avg"].detach().to("cpu").contiguous()
+                    moments[f"{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu").contiguous()
+                    step = int(st["step"])
+        return weights, moments, step
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    step = deepspeed_fence.adam_step(model)
+    (has_state,) = rt.any(step > 0)  # every rank takes the same branch: the gathers are collectives
+    for i, (name, p) in enumerate(params):
+        full = safe_get_full_fp32_param(p)
+        m = safe_get_full_optimizer_state(p, "exp_avg") if has_state else None
+        v = safe_get_full_optimizer_state(p, "exp_avg_sq") if has_state else None
+        if i % rt.world_size == rt.rank:
+            shape = deepspeed_fence.full_shape(p)
+            weights[name] = full.detach().to("cpu").reshape(shape).contiguous()
+            if has_state:
+                moments[f"{name}.exp_avg"] = m.detach().to("cpu").reshape(shape).contiguous()
+                moments[f"{name}.exp_avg_sq"] = v.detach().to("cpu").reshape(shape).contiguous()
+    return weights, moments, step
+
+
+def load_training_state(rt: "Runtime", model, optimizer, weights: "TensorReader", moments: "TensorReader",
+                        adam_step: int, path: Path) -> None:
+    """Set weights and AdamW state from a checkpoint's TensorReaders (any engine, any number of ranks)."""
+    params = _named_params(rt, model)
+    check_names(path, {n for n, _ in params}, weights.keys())
+    has_moments = bool(moments.keys())
+    if not rt.deepspeed:
+        copy_weights(rt.unwrap(model), weights, path)
+        if has_moments:
+            sd = optimizer.state_dict()
+            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+            sd["state"] = {
+                index[id(p)]: {"step": torch.tensor(float(adam_step)),
+                               "exp_avg": moments.get(f"{n}.exp_avg"),
+                               "exp_avg_sq": moments.get(f"{n}.exp_avg_sq")}
+                for n, p in params
+            }
+            optimizer.load_state_dict(sd)
+        return
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if has_moments:
+        deepspeed_fence.set_adam_step(model, adam_step)
+    for name, p in params:
+        full = weights.get(name)
+        check_shape(path, name, full.shape, deepspeed_fence.full_shape(p))  # ZeRO-3: the real shape
+        full = full.to(rt.device)
+        safe_set_full_fp32_param(p, full)  # the fp32 master partition
+        if has_moments:
+            safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg").to(rt.device), "exp_avg")
+            safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg_sq").to(rt.device), "exp_avg_sq")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=rt.zero_stage == 3):
+            with torch.no_grad():
+                p.copy_(full)  # the working (module) copy; under ZeRO-3 re-partitioned on exit
+
+
 # ---------------------------------------------------------------------------- save (collective)
 
 
@@ -259,7 +338,7 @@ def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer,
     if error:
         raise CheckpointError(f"could not write checkpoint {final}: {error}{_intact(run_dir)}")
 
-    weights, moments, adam_step = rt.owned_state(model, optimizer)  # collective under ZeRO
+    weights, moments, adam_step = owned_state(rt, model, optimizer)  # collective under ZeRO
     single = not rt.deepspeed  # one writer holds everything: plain file names other tools read
     suffix = "" if single else f"-rank{rt.rank:05d}"
     files: dict[str, dict] = {}
@@ -386,7 +465,7 @@ def load(rt: "Runtime", path: Path, model, optimizer, verify: bool = True) -> di
     weights = TensorReader(path, "model", files)
     moments = TensorReader(path, "optimizer", files)
     adam_step = int(moments.metadata.get("adam_step", 0))
-    rt.load_training_state(model, optimizer, weights, moments, adam_step, path)
+    load_training_state(rt, model, optimizer, weights, moments, adam_step, path)
     rng_file = path / f"rng-rank{rt.rank:05d}.json"
     if rng_file.is_file() and manifest.get("world_size") == rt.world_size:
         set_rng_state(json.loads(rng_file.read_text()))
@@ -436,12 +515,3 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a directory's entries (a rename inside it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

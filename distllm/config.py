@@ -30,7 +30,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from distllm.batch_plan import plan_problems
 from distllm.errors import ConfigError
+from distllm.model.config import ModelConfig
 
 
 @dataclass
@@ -113,48 +115,6 @@ class TokenizerConfig:
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int = 8192
-    """Embedding rows; must be >= the tokenizer's vocabulary (pad up to a multiple of 64)."""
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: Optional[int] = None
-    """Key/value heads for grouped-query attention (None = n_heads, i.e. multi-head)."""
-    d_model: int = 384
-    ffn_hidden: Optional[int] = None
-    """SwiGLU hidden width (None = 8/3 * d_model rounded up to ``multiple_of``)."""
-    multiple_of: int = 64
-    max_seq_len: int = 1024
-    """Longest sequence the model accepts (RoPE tables are built up to this length)."""
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    """Share the token embedding matrix with the output projection."""
-    init_std: float = 0.02
-    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        hidden = int(8 * self.d_model / 3)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def build(self):
-        from distllm.model import Transformer
-
-        return Transformer(self)
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
@@ -183,8 +143,9 @@ class TrainConfig:
     """Optimizer steps."""
     seed: int = 1337
     """Seeds the model initialisation (the same on every process) and the data order."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward pass on each process."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward pass on each process. None: the largest that divides
+    global_batch_size / processes, at most 16 (``distllm.batch_plan``; the run's first line says which)."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all processes; a multiple of micro_batch_size x processes."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -436,7 +397,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "optim.lr": cfg.optim.lr,
         "optim.eps": cfg.optim.eps,
         "train.max_steps": cfg.train.max_steps,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.eval_batches": cfg.train.eval_batches,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
@@ -451,6 +411,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "data.num_proc": cfg.data.num_proc,
         "logging.peak_flops": cfg.logging.peak_flops,
         "train.exit_at_step": cfg.train.exit_at_step,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
         "distributed.bucket_elements": cfg.distributed.bucket_elements,
     }
     non_negative = {
@@ -515,12 +476,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_resume_spec(cfg.checkpoint.resume_from)
 
     t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size "
-            f"x processes ({t.micro_batch_size} x {world_size} = {per_step})"
-        )
+    for problem in plan_problems(t.global_batch_size, t.micro_batch_size, world_size):
+        raise ConfigError(problem)
     if cfg.optim.warmup_steps >= t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be smaller than train.max_steps ({t.max_steps})"

@@ -1,22 +1,28 @@
 """The one place that talks to Accelerate, DeepSpeed and torch.distributed.
 
 ``setup(cfg)`` reads how the job was launched (one process, ``torchrun``, ``accelerate launch``,
-Slurm) and returns a ``Runtime``; ``Runtime.parallelize(model, optimizer)`` applies everything that
-is not model code: activation checkpointing, the data-parallel wrap (DDP or a DeepSpeed ZeRO engine)
-and per-block ``torch.compile`` after the wrap. Model code stays single-device.
+Slurm), validates the config against it, builds the ``BatchPlan`` and returns a ``Runtime``;
+``Runtime.parallelize(model, optimizer)`` applies everything that is not model code: activation
+checkpointing, the data-parallel wrap (DDP or a DeepSpeed ZeRO engine) and per-block
+``torch.compile`` after the wrap. Model code stays single-device. DeepSpeed's private attributes
+are used only through ``deepspeed_fence``.
 
 The training step is one contract that one process, DDP and ZeRO-1/2/3 all honour::
 
-    for each of the `accum` micro-batches:
-        with rt.accumulate(model):          # gradient sync only on the last micro-batch
-            rt.backward(loss(model, batch)) # the engine scales by 1/accum
+    step_tokens = rt.sum(counted tokens of this rank's micro-batches)  # all ranks, once per step
+    for each of the plan's `accum` micro-batches:
+        with rt.accumulate(model):                 # gradient sync only on the last micro-batch
+            rt.backward(loss_sum, step_tokens)     # d(sum over the whole step / step_tokens)
     grad_norm, applied = rt.optimizer_step(model, optimizer, max_norm)
 
-DDP (and one process) clips and steps in ``optimizer_step``, after checking on every rank that the
-global gradient norm is finite; DeepSpeed clips, checks and steps inside its engine at the
-accumulation boundary (a non-finite norm makes it skip the step), and ``optimizer_step`` reads the
-outcome. Either way a non-finite gradient on any rank is skipped by every rank alike, because the
-norm is taken over the already all-reduced gradients.
+``backward`` undoes the engines' own averaging (1/accum for accumulation, 1/world for the
+all-reduce), so the gradient is exactly that of the step's summed token loss divided by the step's
+counted tokens, however they fall across micro-batches and processes (DESIGN.md, "Loss
+normalization"). DDP (and one process) clips and steps in ``optimizer_step`` after checking on every
+rank that the global gradient norm is finite; DeepSpeed clips, checks and steps inside its engine at
+the accumulation boundary (a non-finite norm makes it skip the step), and ``optimizer_step`` reads
+the outcome. Either way a non-finite gradient on any rank is skipped by every rank alike, because
+the norm is taken over the already all-reduced gradients.
 
 Batch sizes, accumulation, clipping and precision go to DeepSpeed from the distllm config
 (``deepspeed_config``); a user's DeepSpeed JSON or ``accelerate`` config that disagrees is an
@@ -37,7 +43,8 @@ from typing import Any
 
 import torch
 
-from distllm import hostmem
+from distllm import deepspeed_fence, hostmem
+from distllm.batch_plan import BatchPlan, launcher_world_size
 from distllm.config import Config, TrainConfig
 from distllm.errors import ConfigError
 
@@ -51,9 +58,14 @@ class Runtime:
     precision: str  # "fp32" | "bf16"
     rank: int
     world_size: int
-    accum: int  # micro-batches per optimizer step on each process
+    plan: BatchPlan
     zero_stage: int | None = None  # None = DDP / one process
     ds_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per optimizer step on each process."""
+        return self.plan.accum
 
     @property
     def is_main(self) -> bool:
@@ -92,33 +104,13 @@ class Runtime:
         model.activation_checkpointing = cfg.activation_checkpointing
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.zero_stage == 3:
-            _share_fp32_partitions(model.optimizer)
+            deepspeed_fence.share_fp32_partitions(model)
         if self.deepspeed:
-            self._init_zero_optimizer_state(model)
+            deepspeed_fence.init_optimizer_state(model)  # after sharing: the state is keyed by the partitions
         if cfg.compile:  # per block, after the wrap: DDP's all-reduce hooks still overlap the backward
             for block in self.unwrap(model).layers:
                 block.compile()
         return model, optimizer
-
-    def _init_zero_optimizer_state(self, engine) -> None:  # after _share_fp32_partitions: state is keyed by them
-        """Create AdamW's state (zeros, step 0: what AdamW itself creates at its first step) for every
-        flat partition up front. DeepSpeed ZeRO-1/2 links each parameter to its slice of that state
-        after the first step, but only for the parameter groups whose state exists by then (the first),
-        so without this the moments of the second group (norm weights) could never be read or restored."""
-        zero = engine.optimizer
-        base = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-        # ZeRO-3 hands its flat partitions to the base optimizer only during step(); ZeRO-1/2 keep them there
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
-        on_device = base.defaults.get("fused") or base.defaults.get("capturable")
-        for flat in flats:
-            st = base.state[flat]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
-                st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2 only
-        if link is not None:
-            link()  # what DeepSpeed runs after the first step, now that every group has state
 
     # ------------------------------------------------------------------ the step
 
@@ -126,8 +118,16 @@ class Runtime:
         """Skip the gradient sync on all but the last of ``accum`` micro-batches (DDP and DeepSpeed alike)."""
         return self.accelerator.accumulate(model)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of a micro-batch loss; the engine divides by ``accum`` (at the boundary DeepSpeed also steps)."""
+    def backward(self, loss: torch.Tensor, step_tokens: torch.Tensor | float | None = None) -> None:
+        """Backward of a micro-batch's summed token loss, as a part of the whole step's mean.
+
+        ``step_tokens``: the tokens counted in the whole optimizer step, over every micro-batch and
+        every process. The engine divides by ``accum`` (Accelerate and DeepSpeed alike) and averages
+        over processes, so the loss is scaled by accum x world / step_tokens first; at the
+        accumulation boundary DeepSpeed also steps. Without ``step_tokens``, ``loss`` is a
+        micro-batch mean and only the engine's averaging applies (benchmarks)."""
+        if step_tokens is not None:
+            loss = loss * (self.accum * self.world_size / step_tokens)
         self.accelerator.backward(loss)
 
     def optimizer_step(self, model, optimizer, max_norm: float) -> tuple[torch.Tensor, bool]:
@@ -144,85 +144,6 @@ class Runtime:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm.detach(), applied
-
-    # ------------------------------------------------------------------ checkpoint state
-
-    def _named_params(self, model) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.unwrap(model).named_parameters())  # shared (tied) tensors once, in a fixed order
-
-    def owned_state(self, model, optimizer) -> tuple[dict, dict, int]:
-        """(weights, AdamW moments, Adam step count) that this rank writes into a checkpoint: whole fp32
-        tensors by parameter name. DDP / one process: rank 0 writes everything. ZeRO: the shards are
-        gathered parameter by parameter (a collective) and parameter i is written by rank i % N."""
-        params = self._named_params(model)
-        weights: dict[str, torch.Tensor] = {}
-        moments: dict[str, torch.Tensor] = {}
-        if not self.deepspeed:
-            step = 0
-            if self.is_main:
-                for name, p in params:
-                    weights[name] = p.detach().to("cpu", torch.float32).contiguous()
-                    st = optimizer.state.get(p, {})
-                    if "exp_avg" in st:
-                        moments[f"{name}.exp_avg"] = st["exp_avg"].detach().to("cpu").contiguous()
-                        moments[f"{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu").contiguous()
-                        step = int(st["step"])
-            return weights, moments, step
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        base = model.optimizer.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-        step = next((int(st["step"]) for st in base.state.values() if "step" in st), 0)
-        (has_state,) = self.any(step > 0)  # every rank takes the same branch: the gathers are collectives
-        for i, (name, p) in enumerate(params):
-            full = safe_get_full_fp32_param(p)
-            m = safe_get_full_optimizer_state(p, "exp_avg") if has_state else None
-            v = safe_get_full_optimizer_state(p, "exp_avg_sq") if has_state else None
-            if i % self.world_size == self.rank:
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                weights[name] = full.detach().to("cpu").reshape(shape).contiguous()
-                if has_state:
-                    moments[f"{name}.exp_avg"] = m.detach().to("cpu").reshape(shape).contiguous()
-                    moments[f"{name}.exp_avg_sq"] = v.detach().to("cpu").reshape(shape).contiguous()
-        return weights, moments, step
-
-    def load_training_state(self, model, optimizer, weights, moments, adam_step: int, path) -> None:
-        """Set weights and AdamW state from a checkpoint's TensorReaders (any engine, any number of ranks)."""
-        from distllm.checkpoint import check_names, check_shape, copy_weights
-
-        params = self._named_params(model)
-        check_names(path, {n for n, _ in params}, weights.keys())
-        has_moments = bool(moments.keys())
-        if not self.deepspeed:
-            copy_weights(self.unwrap(model), weights, path)
-            if has_moments:
-                sd = optimizer.state_dict()
-                index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-                sd["state"] = {
-                    index[id(p)]: {"step": torch.tensor(float(adam_step)),
-                                   "exp_avg": moments.get(f"{n}.exp_avg"),
-                                   "exp_avg_sq": moments.get(f"{n}.exp_avg_sq")}
-                    for n, p in params
-                }
-                optimizer.load_state_dict(sd)
-            return
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        base = model.optimizer.optimizer  # the torch AdamW over this rank's flat fp32 partitions
-        if has_moments:
-            for st in base.state.values():  # created by _init_zero_optimizer_state
-                st["step"].fill_(float(adam_step))
-        for name, p in params:
-            full = weights.get(name)
-            check_shape(path, name, full.shape, getattr(p, "ds_shape", p.shape))  # ZeRO-3: the real shape
-            full = full.to(self.device)
-            safe_set_full_fp32_param(p, full)  # the fp32 master partition
-            if has_moments:
-                safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg").to(self.device), "exp_avg")
-                safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg_sq").to(self.device), "exp_avg_sq")
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.zero_stage == 3):
-                with torch.no_grad():
-                    p.copy_(full)  # the working (module) copy; under ZeRO-3 re-partitioned on exit
 
     # ------------------------------------------------------------------ collectives
 
@@ -289,12 +210,8 @@ def resolve_device(name: str) -> torch.device:
 
 def local_runtime(device: str = "cpu") -> Runtime:
     """One process without Accelerate or a process group (tools and unit tests): checkpoints save and load alike."""
-    return Runtime(accelerator=None, device=torch.device(device), precision="fp32", rank=0, world_size=1, accum=1)
-
-
-def launcher_world_size() -> int:
-    """Processes in the job, from the launcher's environment (torchrun, accelerate launch, our Slurm script)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return Runtime(accelerator=None, device=torch.device(device), precision="fp32", rank=0, world_size=1,
+                   plan=BatchPlan(1, 1))
 
 
 def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
@@ -316,7 +233,7 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
 def setup(cfg: Config) -> Runtime:
     """Read the launch environment, validate the config against it, and start the process group."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     t = cfg.train
     device_type = resolve_device(t.device).type
@@ -331,15 +248,20 @@ def setup(cfg: Config) -> Runtime:
     if t.debug and world_size > 1:
         raise ConfigError(f"train.debug runs on one process, but this job has {world_size}; launch it without torchrun")
     precision = resolve_precision(t, device_type)
-    accum = t.global_batch_size // (t.micro_batch_size * world_size)
+    plan = BatchPlan.build(t.global_batch_size, t.micro_batch_size, world_size)
 
-    zero_stage, ds_config, plugin = deepspeed_settings(cfg, world_size, accum, precision)
+    zero_stage, ds_config, plugin = deepspeed_settings(cfg, plan, precision, device_type)
     kwargs = dict(
         # cpu=True makes Accelerate drop a DeepSpeed plugin (MULTI_CPU DDP); DeepSpeed finds the CPU by itself
         cpu=device_type == "cpu" and plugin is None,
         mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=accum,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))],
+        gradient_accumulation_steps=plan.accum,
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s)),
+            # DDP: gradients live in the all-reduce buckets (no second gradient-sized copy); the only
+            # buffers are the RoPE tables, constants built alike on every rank, so none is broadcast
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False),
+        ],
     )
     if plugin is not None:
         kwargs["deepspeed_plugin"] = plugin
@@ -353,13 +275,13 @@ def setup(cfg: Config) -> Runtime:
     if t.debug:
         torch.autograd.set_detect_anomaly(True)
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return Runtime(accelerator, accelerator.device, precision, rank, world, accum, zero_stage, ds_config)
+    return Runtime(accelerator, accelerator.device, precision, rank, world, plan, zero_stage, ds_config)
 
 
 # ---------------------------------------------------------------------------- DeepSpeed
 
 
-def deepspeed_settings(cfg: Config, world_size: int, accum: int, precision: str):
+def deepspeed_settings(cfg: Config, plan: BatchPlan, precision: str, device_type: str = "cpu"):
     """(zero stage or None, DeepSpeed config dict or None, Accelerate DeepSpeedPlugin or None).
 
     The stage and offload come from the distllm config or from ``accelerate launch`` (its DeepSpeed
@@ -386,7 +308,7 @@ def deepspeed_settings(cfg: Config, world_size: int, accum: int, precision: str)
                                  os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"),
                                  "offload_param_device")
         for env, ours, name in (
-            ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", accum, "gradient_accumulation_steps"),
+            ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", plan.accum, "gradient_accumulation_steps"),
             ("ACCELERATE_GRADIENT_CLIPPING", cfg.optim.grad_clip, "gradient_clipping"),
         ):
             value = os.environ.get(env, "auto")
@@ -401,8 +323,9 @@ def deepspeed_settings(cfg: Config, world_size: int, accum: int, precision: str)
         stage = user.get("zero_optimization", {}).get("stage", 0)
     if stage is None:
         return None, None, None
+    deepspeed_fence.check_version()
 
-    ds = build_deepspeed_config(cfg, world_size, accum, precision, stage, offload_opt, offload_par)
+    ds = build_deepspeed_config(cfg, plan, precision, stage, offload_opt, offload_par, device_type)
     ds = merge_user_config(ds, user, user_file)
     from accelerate.utils import DeepSpeedPlugin
 
@@ -411,7 +334,7 @@ def deepspeed_settings(cfg: Config, world_size: int, accum: int, precision: str)
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     plugin = DeepSpeedPlugin(
         hf_ds_config=ds,
-        gradient_accumulation_steps=accum,
+        gradient_accumulation_steps=plan.accum,
         gradient_clipping=cfg.optim.grad_clip,
         zero_stage=stage,
         offload_optimizer_device=ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none"),
@@ -450,15 +373,17 @@ def bucket_elements(cfg: Config) -> int:
     return int(min(DEEPSPEED_DEFAULT_BUCKET, max(cfg.model.d_model**2, count_params(cfg.model) // 8)))
 
 
-def build_deepspeed_config(cfg: Config, world_size: int, accum: int, precision: str, stage: int,
-                           offload_optimizer: str = "none", offload_params: str = "none") -> dict:
+def build_deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, stage: int,
+                           offload_optimizer: str = "none", offload_params: str = "none",
+                           device_type: str = "cpu") -> dict:
     """The DeepSpeed config that expresses the distllm config (see DeepSpeed's config-json docs)."""
-    t = cfg.train
     bucket = bucket_elements(cfg)
     zero: dict[str, Any] = {
         "stage": stage,
         "contiguous_gradients": True,
-        "overlap_comm": False,
+        # overlap the gradient reduction with the backward on GPUs (CUDA streams); on CPU there is
+        # nothing to overlap with and gloo runs it synchronously
+        "overlap_comm": device_type == "cuda",
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
     }
@@ -475,9 +400,9 @@ def build_deepspeed_config(cfg: Config, world_size: int, accum: int, precision: 
     if offload_params != "none":
         zero["offload_param"] = {"device": offload_params, "pin_memory": torch.cuda.is_available()}
     return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
@@ -492,7 +417,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, accum: int, precision: 
 # keys distllm owns: (path in the DeepSpeed JSON, the distllm key that sets it)
 OWNED_KEYS = (
     (("train_batch_size",), "train.global_batch_size"),
-    (("train_micro_batch_size_per_gpu",), "train.micro_batch_size"),
+    (("train_micro_batch_size_per_gpu",), "train.micro_batch_size (or the micro-batch derived from it)"),
     (("gradient_accumulation_steps",), "train.global_batch_size / (micro_batch_size x processes)"),
     (("gradient_clipping",), "optim.grad_clip"),
     (("bf16", "enabled"), "train.precision"),
@@ -533,31 +458,3 @@ def _get(d: dict, path: tuple[str, ...]):
             return None
         d = d[key]
     return d
-
-
-def _share_fp32_partitions(zero) -> None:
-    """ZeRO-3: let the optimizer step the fp32 parameter partitions themselves instead of a copy of them.
-
-    DeepSpeed means to skip its fp32 master copy when a partition is already fp32 on the optimizer's
-    device (stage3.py ``_create_fp32_partitions``: "we don't need another copy of the weights"), but it
-    compares ``tensor.device`` with the string ``current_device_name()`` ('cpu', 'cuda:0'), and a
-    ``torch.device`` never equals a string, so 0.19 keeps a clone: 4 bytes per parameter / world size
-    per rank, a fifth of the ZeRO-3 state in fp32 (4 + 4 + 4 + 8 bytes per parameter). Do what that
-    branch does. Under bf16 the partitions are bf16 and the fp32 master copy stays, as it must;
-    offloaded or swapped partitions are left alone.
-    """
-    if zero.offload_optimizer or getattr(zero, "swap_optimizer", False):
-        return
-    fp32 = zero.fp32_partitioned_groups_flat
-    for i, (params, master) in enumerate(zip(zero.fp16_partitioned_groups_flat, fp32)):
-        if params is None or params.dtype != master.dtype or params.device != master.device:
-            continue
-        if master.data_ptr() == params.data_ptr() or master in zero.optimizer.state:
-            continue
-        # nothing has stepped yet, so the copy must still be a copy; compared as bits because the last
-        # rank's padding is uninitialised memory, which may hold NaNs
-        if not torch.equal(params.view(torch.uint8), master.view(torch.uint8)):
-            raise RuntimeError(f"ZeRO-3 fp32 partition {i} differs from its parameters before the first step")
-        params.ds_id = master.ds_id
-        params.requires_grad = True  # as DeepSpeed sets on its fp32 partitions
-        fp32[i] = params

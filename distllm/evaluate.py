@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from distllm import checkpoint
+from distllm.batch_plan import validation_micro_batch
 from distllm.config import Config
 from distllm.data.loader import SampleIndex, TokenShards
 from distllm.data.storage import storage_kwargs
@@ -22,6 +23,7 @@ from distllm.distributed import resolve_device
 from distllm.errors import DataError
 from distllm.loss import next_token_loss
 from distllm.metrics import perplexity
+from distllm.model import Transformer
 
 
 class ValidationSet:
@@ -77,7 +79,7 @@ def load_for_inference(cfg: Config, target: str | None):
     path = checkpoint.locate(target or cfg.run.dir)
     state = checkpoint.read_state(path)
     saved = from_dict({"model": state["config"]["model"]})
-    model = saved.model.build()
+    model = Transformer(saved.model)
     checkpoint.load_weights(path, model)
     return model.to(resolve_device(cfg.train.device)).eval(), state, path
 
@@ -93,7 +95,8 @@ def run_eval(cfg: Config, target: str | None = None) -> dict:
             f"(fingerprint {shards.fingerprint[:12]} != {state['tokenizer_fingerprint'][:12]})"
         )
     seq_len = state["config"]["data"]["seq_len"]
-    val = ValidationSet(shards, seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
+    val = ValidationSet(shards, seq_len, validation_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size),
+                        cfg.train.eval_batches)
     loss = validation_loss(model, val, device)
     return {"checkpoint": str(path), "step": state["step"], "val_loss": loss, "val_ppl": perplexity(loss),
             "val_tokens": val.num_samples * seq_len}

@@ -18,6 +18,7 @@ import math
 import torch
 
 from distllm.config import OptimConfig
+from distllm.deepspeed_fence import full_shape
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -27,7 +28,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 parameter is an empty placeholder; ds_shape is its shape
+        shape = full_shape(p)  # a ZeRO-3 parameter is an empty placeholder of another shape
         (decay if len(shape) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from distllm.durable import write_durably
 from distllm.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
@@ -75,14 +76,8 @@ def parse_tokenizer(data: bytes | str, origin: str) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Write ``tok`` as JSON, atomically and durably (temp file, fsync, rename)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tok.to_str())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    """Write ``tok`` as JSON, atomically and durably (``distllm.durable``)."""
+    write_durably(path, tok.to_str())
 
 
 def fingerprint(tok: Tokenizer) -> str:

@@ -30,7 +30,8 @@ from distllm.errors import CheckpointError, ConfigError, UserError
 from distllm.evaluate import ValidationSet, validation_loss
 from distllm.loss import next_token_loss
 from distllm.metrics import MetricsLogger, perplexity
-from distllm.model import count_params, flops_per_token
+from distllm.batch_plan import validation_micro_batch
+from distllm.model import Transformer, count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
@@ -62,20 +63,21 @@ def train(cfg: Config) -> TrainResult:
     deadline = time.monotonic() + parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
 
     # ---- data: one global sample order, this rank's slice of every global batch
-    T, B = cfg.data.seq_len, cfg.train.micro_batch_size
-    loader = build_train_loader(cfg.data, micro_batch_size=B, global_batch_size=cfg.train.global_batch_size,
-                                seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size,
-                                vocab_limit=cfg.model.vocab_size)  # data of a larger vocabulary is refused
+    T, B = cfg.data.seq_len, rt.plan.micro_batch
+    loader = build_train_loader(cfg.data, rt.plan, seed=cfg.train.seed, rank=rt.rank,
+                                vocab_limit=cfg.model.vocab_size,  # data of a larger vocabulary is refused
+                                pin_memory=rt.device.type == "cuda")
     if cfg.train.debug:
         loader = FirstBatchOnly(loader)
     val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
-    val = ValidationSet(val_split, T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
+    val = ValidationSet(val_split, T, validation_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size),
+                        cfg.train.eval_batches, rt.rank, rt.world_size)
     tokenizer_file = val_split.tokenizer_path  # copied into every checkpoint (a local copy for s3:// data)
 
     # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
     torch.manual_seed(cfg.train.seed)
     with rt.init_context():  # ZeRO-3: parameters are partitioned as they are created
-        model = cfg.model.build()
+        model = Transformer(cfg.model)
     if rt.zero_stage != 3:
         model = model.to(rt.device)
     seed_everything(cfg.train.seed + rt.rank)  # rank-dependent streams only from here on
@@ -105,7 +107,7 @@ def train(cfg: Config) -> TrainResult:
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
         f"{rt.engine_name} ({rt.precision}) | global batch {cfg.train.global_batch_size} x {T} tokens = micro {B} "
-        f"x accum {rt.accum} x {rt.world_size} | "
+        f"x accum {rt.accum} x {rt.world_size}{' (micro-batch derived)' if rt.plan.derived else ''} | "
         + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
     )
 
@@ -142,6 +144,7 @@ def train(cfg: Config) -> TrainResult:
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=rt.device)
+        loss_tokens, step_tokens = B * T, cfg.train.global_batch_size * T
         indices = []
         for _ in range(rt.accum):
             window = next(loader).to(rt.device, non_blocking=True)
@@ -153,7 +156,7 @@ def train(cfg: Config) -> TrainResult:
                 loss = next_token_loss(model, window, doc_ids)
                 if faults.trigger("loss", rank=rt.rank, step=step + 1):
                     loss = loss * float("inf")
-                rt.backward(loss)
+                rt.backward(loss * loss_tokens, step_tokens)
             step_loss += loss.detach() / rt.accum
         grad_norm, applied = rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
         step_samples = np.concatenate(indices)  # this rank's global sample indices of the step
@@ -313,7 +316,7 @@ def debug_config(cfg: Config) -> Config:
 
     cfg = copy.deepcopy(cfg)
     t = cfg.train
-    t.micro_batch_size = t.global_batch_size = min(t.micro_batch_size, 4)
+    t.micro_batch_size = t.global_batch_size = min(t.micro_batch_size or 4, 4)
     t.max_steps, t.compile, t.eval_every = DEBUG_STEPS, False, 0
     t.exit_at_step = None
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, t.max_steps // 4)

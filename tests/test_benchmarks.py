@@ -47,7 +47,7 @@ def test_memory_benchmark_zero_shards_the_training_state():
     """benchmarks/bench_memory.py --tiny on 2 real processes: byte counts, not timings. ZeRO-1 holds half
     of DDP's AdamW moments per rank; ZeRO-3 about half of DDP's whole state (parameters, gradients,
     moments), which needs DeepSpeed to step the fp32 parameter partitions themselves (no master copy:
-    distributed._share_fp32_partitions)."""
+    deepspeed_fence.share_fp32_partitions)."""
     r = subprocess.run([sys.executable, str(MEMORY_BENCH), "--tiny", "--steps", "2", "--engines", "DDP,ZeRO-1,ZeRO-3"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

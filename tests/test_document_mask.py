@@ -4,12 +4,13 @@ import torch
 
 from distllm.config import ModelConfig
 from distllm.data.packing import document_attention_mask
+from distllm.model import Transformer
 from distllm.train import train
 
 
 def test_a_document_never_sees_the_one_before_it():
     torch.manual_seed(0)
-    model = ModelConfig(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16).build().eval()
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, max_seq_len=16)).eval()
     tokens = torch.randint(0, 64, (1, 12))
     doc_ids = torch.tensor([[0] * 5 + [1] * 7])  # document 1 starts at position 5
     other = tokens.clone()

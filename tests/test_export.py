@@ -16,6 +16,7 @@ from distllm.config import from_dict
 from distllm.errors import CheckpointError, ConfigError, DataError
 from distllm.export import export
 from distllm.generate import generate
+from distllm.model import Transformer
 from distllm.tokenizer import eot_id, load_tokenizer
 from distllm.train import train
 
@@ -41,7 +42,7 @@ def train_tiny(cfg, tie: bool, n_kv_heads: int, steps: int = 12):
 
 def distllm_model(ckpt: Path):
     state = checkpoint.read_state(ckpt)
-    model = from_dict({"model": state["config"]["model"]}).model.build()
+    model = Transformer(from_dict({"model": state["config"]["model"]}).model)
     checkpoint.load_weights(ckpt, model)
     return model.eval()
 

@@ -12,11 +12,11 @@ from distllm.data.shards import (
     open_shard,
     read_header,
     read_manifest,
-    sha256_file,
     verify,
     write_manifest,
     write_shard,
 )
+from distllm.durable import sha256_file
 
 __all__ = [
     "SampleIndex",

@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distllm.config import DataConfig
+from distllm.durable import write_durably
 from distllm.errors import DataError
 
 STDLIB = "python-stdlib"
@@ -397,12 +398,7 @@ def _spool(cfg: DataConfig, spool_dir: Path, file_bytes: int, progress: dict, pr
             progress["files"] += 1
             out, size = None, 0
         progress.update(rows=rows, docs=docs, done=done)
-        tmp = progress_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(progress))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, progress_path)
+        write_durably(progress_path, json.dumps(progress))
 
     try:
         import datasets

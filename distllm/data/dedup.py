@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from distllm.durable import atomic_file
 from distllm.errors import DataError
 
 DEDUP_MEMORY_BYTES = 256 << 20
@@ -72,12 +72,8 @@ def write_hashes(path: Path, entries: np.ndarray) -> None:
 
 def save_array(path: Path, array: np.ndarray) -> None:
     """``np.save`` as uint64, atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.save(f, np.ascontiguousarray(array, dtype=np.uint64))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def find_duplicates(hash_files: list[Path], out_dir: Path, num_docs: int) -> int:

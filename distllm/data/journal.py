@@ -24,7 +24,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from distllm.data.shards import SPLITS, write_durably
+from distllm.data.shards import SPLITS
+from distllm.durable import write_durably
 from distllm.errors import DataError
 
 log = logging.getLogger(__name__)

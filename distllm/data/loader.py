@@ -16,16 +16,22 @@ that cannot supply its share of the next global batch from the rest of its epoch
 epoch (the remainder is dropped; with one source: the epoch is cut to a multiple of G). All of
 this depends on (seed, data, G) only, never on the number of processes.
 
-Slicing: with B samples per micro-batch and w processes there are ``accum = G // (B * w)``
-micro-steps; micro-step m of rank r takes positions ``[m*w*B + r*B, +B)`` of the global batch,
-so 1 process x accum 2 and 2 processes x accum 1 see the same samples in the same steps.
+Slicing: a ``BatchPlan`` (``distllm/batch_plan.py``) says how a global batch is cut: with B samples
+per micro-batch and w processes there are ``accum = G // (B * w)`` micro-steps, and micro-step m of
+rank r takes positions ``[m*w*B + r*B, +B)`` of the global batch, so 1 process x accum 2 and 2
+processes x accum 1 see the same samples in the same steps.
 
 State: ``state_dict()`` (at a step boundary) holds the seed, G, the position in the mixed stream
 and per source its data fingerprint, epoch and position in the epoch: resuming with any number of
 processes continues with exactly the samples an uninterrupted run would have used.
 
-Prefetch: with ``prefetch > 0`` a background thread prepares that many micro-batches ahead; the
-state reflects consumed batches only, and an exception in the thread is raised by ``next()``.
+Prefetch: with ``prefetch > 0`` a background thread prepares that many micro-batches ahead (in
+pinned memory for a CUDA run, so the copy to the GPU overlaps compute); the state reflects consumed
+batches only, and an exception in the thread is raised by ``next()``.
+
+Batches: ``next(loader)`` gives the windows (B, seq_len + 1); ``loader.next_batch()`` gives the
+training batch every objective reads: ``input_ids`` (B, T), ``labels`` (B, T) (the next tokens) and,
+with document masking, ``doc_ids`` (B, T).
 """
 
 from __future__ import annotations
@@ -44,13 +50,14 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from distllm.batch_plan import BatchPlan
 from distllm.config import check_vocab
 from distllm.data.mixing import MixSchedule
 from distllm.data.order import Permutation, derive_key
 from distllm.data.packing import document_ids
 from distllm.data.shards import HEADER_SIZE, MANIFEST, SPLITS, data_fingerprint, load_manifest, verify_shard
 from distllm.data.storage import open_store, storage_kwargs
-from distllm.errors import ConfigError, DataError
+from distllm.errors import DataError
 from distllm.tokenizer import fingerprint, load_tokenizer
 
 STATE_FORMAT = 1
@@ -445,30 +452,33 @@ class _RankBatches:
     """This rank's micro-batches from ``order`` onward. Holds no reference to the loader, so a
     background thread running it does not keep a dropped loader alive."""
 
-    def __init__(self, order: GlobalOrder, rank: int, world_size: int, micro_batch_size: int, accum: int,
-                 eot_id: Optional[int]):
-        self.order, self.rank, self.world_size, self.B, self.accum = order, rank, world_size, micro_batch_size, accum
+    def __init__(self, order: GlobalOrder, plan: BatchPlan, rank: int, eot_id: Optional[int], pin_memory: bool):
+        self.order, self.plan, self.rank = order, plan, rank
         self.eot_id = eot_id  # None: no document ids
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[_Item]:
-        B, w, r, order = self.B, self.world_size, self.rank, self.order
+        order, plan = self.order, self.plan
         lookahead = order.clone()
         self._warm(lookahead.next_batch())
         while True:
             ids = order.next_batch()  # (G,) this step's global batch
             self._warm(lookahead.next_batch())  # verify the next step's shards meanwhile
             state = order.state_dict()
-            for m in range(self.accum):
-                mine = ids[m * w * B + r * B : m * w * B + r * B + B]  # (B,)
+            for m in range(plan.accum):
+                mine = ids[plan.positions(m, self.rank)]  # (B,)
                 window = torch.from_numpy(self._read(mine))  # (B, T + 1)
                 docs = None if self.eot_id is None else document_ids(window[:, :-1], self.eot_id)  # (B, T)
-                yield _Item(window, mine, docs, state if m == self.accum - 1 else None)
+                if self.pin_memory:
+                    window, docs = window.pin_memory(), None if docs is None else docs.pin_memory()
+                yield _Item(window, mine, docs, state if m == plan.accum - 1 else None)
 
     def _warm(self, ids: np.ndarray) -> None:
         """Start verifying the shards this rank reads in global batch ``ids``."""
         if all(samples.shards.all_verified for samples in self.order.samples):
             return
-        mine = ids.reshape(self.accum, self.world_size, self.B)[:, self.rank].reshape(-1)
+        plan = self.plan
+        mine = ids.reshape(plan.accum, plan.world_size, plan.micro_batch)[:, self.rank].reshape(-1)
         src, local = self.order.split(mine)
         for k, samples in enumerate(self.order.samples):
             if (src == k).any():
@@ -496,22 +506,15 @@ class TrainLoader:
         sources: Sequence[TokenShards],
         weights: Sequence[float],
         seq_len: int,
-        micro_batch_size: int,
-        global_batch_size: int,
+        plan: BatchPlan,
         seed: int,
         rank: int = 0,
-        world_size: int = 1,
         prefetch: int = 2,
         document_mask: bool = False,
+        pin_memory: bool = False,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        per_step = micro_batch_size * world_size
-        if micro_batch_size < 1 or global_batch_size < 1 or global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size ({global_batch_size}) must be a positive multiple of "
-                f"train.micro_batch_size x processes ({micro_batch_size} x {world_size} = {per_step})"
-            )
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={plan.world_size})")
         if len(sources) != len(weights) or not sources:
             raise ValueError("one weight per source is needed")
         fingerprints = {s.fingerprint for s in sources}
@@ -521,14 +524,14 @@ class TrainLoader:
         if len({s.data_id for s in sources}) < len(sources):
             raise DataError(f"data.mix names the same data twice: {', '.join(str(s.data_dir) for s in sources)}")
         self.sources = list(sources)
-        self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
-        self.rank, self.world_size = rank, world_size
-        self.accum = global_batch_size // per_step
-        self.prefetch, self.document_mask = prefetch, document_mask
+        self.seq_len, self.plan, self.rank = seq_len, plan, rank
+        self.micro_batch_size, self.global_batch_size = plan.micro_batch, plan.global_batch
+        self.world_size, self.accum = plan.world_size, plan.accum
+        self.prefetch, self.document_mask, self.pin_memory = prefetch, document_mask, pin_memory
         self.fingerprint: str = sources[0].fingerprint
         self.vocab_size: int = sources[0].vocab_size
         self.eot_id: int = sources[0].eot_id
-        self._order = GlobalOrder([SampleIndex(s, seq_len) for s in sources], weights, global_batch_size, seed)
+        self._order = GlobalOrder([SampleIndex(s, seq_len) for s in sources], weights, plan.global_batch, seed)
         self._state = self._order.state_dict()  # position after the last consumed global batch
         self._micro = 0  # micro-batches consumed in the current global batch
         self._items: Optional[Iterator[_Item]] = None  # synchronous producer
@@ -568,8 +571,8 @@ class TrainLoader:
     def _start(self) -> None:
         order = self._order.clone()
         order.load_state_dict(self._state)
-        items = iter(_RankBatches(order, self.rank, self.world_size, self.micro_batch_size, self.accum,
-                                  self.eot_id if self.document_mask else None))
+        items = iter(_RankBatches(order, self.plan, self.rank, self.eot_id if self.document_mask else None,
+                                  self.pin_memory))
         if self.prefetch == 0:
             self._items = items
             return
@@ -627,6 +630,15 @@ class TrainLoader:
         self.last_indices, self.last_doc_ids = item.ids, item.doc_ids
         return item.window
 
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch as a training batch: ``input_ids`` (B, T), ``labels`` (B, T) and, with
+        document masking, ``doc_ids`` (B, T) (views of one window tensor, on the host)."""
+        window = next(self)
+        batch = {"input_ids": window[:, :-1], "labels": window[:, 1:]}
+        if self.last_doc_ids is not None:
+            batch["doc_ids"] = self.last_doc_ids
+        return batch
+
     # ---- state
     def state_dict(self) -> dict:
         """Position after the last consumed global batch (call at an optimizer-step boundary); JSON-serialisable."""
@@ -673,12 +685,11 @@ class TrainLoader:
 
 def build_train_loader(
     data_cfg,
-    micro_batch_size: int,
-    global_batch_size: int,
+    plan: BatchPlan,
     seed: int,
     rank: int = 0,
-    world_size: int = 1,
     vocab_limit: Optional[int] = None,
+    pin_memory: bool = False,
 ) -> TrainLoader:
     """The training loader of a ``DataConfig``: the train split of ``data.dir``, or the ``data.mix`` sources.
 
@@ -695,11 +706,10 @@ def build_train_loader(
         sources,
         list(mix.values()),
         data_cfg.seq_len,
-        micro_batch_size,
-        global_batch_size,
+        plan,
         seed,
         rank=rank,
-        world_size=world_size,
         prefetch=data_cfg.prefetch,
         document_mask=data_cfg.document_mask,
+        pin_memory=pin_memory,
     )

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distllm.data.shards import write_durably, write_shard
+from distllm.data.shards import write_shard
+from distllm.durable import write_durably
 from distllm.data.storage import is_url
 from distllm.errors import DataError
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distllm.durable import atomic_file, sha256_file, write_durably
 from distllm.errors import DataError
 from distllm.tokenizer import fingerprint, load_tokenizer
 
@@ -78,29 +79,10 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, fingerprint: str) -
     )
     digest = hashlib.sha256(header)
     digest.update(memoryview(data).cast("B"))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:  # on disk before the rename (and before any manifest names it)
         f.write(header)
         f.write(memoryview(data).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename (and before any manifest names it)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
     return {"file": path.name, "num_tokens": int(len(data)), "sha256": digest.hexdigest()}
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside directory ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_header(path: str | os.PathLike) -> ShardHeader:
@@ -136,14 +118,6 @@ def open_shard(path: str | os.PathLike) -> np.ndarray:
     if header.num_tokens == 0:
         return np.zeros(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
-
-
-def sha256_file(path: str | os.PathLike, block_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_shard(
@@ -214,18 +188,6 @@ def data_fingerprint(manifest: dict, split: str) -> str:
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def write_durably(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically and durably: temp file, fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> Path:

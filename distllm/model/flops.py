@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distllm.config import ModelConfig
+from distllm.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from distllm.config import ModelConfig
+from distllm.model.config import ModelConfig
 from distllm.model.kernels import QKVRoPEFunction, SwiGLUFunction, attention, rms_norm, rope_tables
 
 

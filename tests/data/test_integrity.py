@@ -13,6 +13,7 @@ from distllm.config import DataConfig
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.shards import HEADER_SIZE, read_manifest, write_manifest, write_shard
 from distllm.errors import ConfigError, DataError
+from distllm.batch_plan import BatchPlan
 
 SHARD = "train_000000.bin"
 
@@ -25,7 +26,7 @@ def data_dir(prepared_data, tmp_path):
 
 def first_batch(data_dir, prefetch=0, verify=True, vocab_limit=None):
     cfg = DataConfig(dir=str(data_dir), seq_len=32, prefetch=prefetch, verify_shards=verify)
-    with build_train_loader(cfg, micro_batch_size=4, global_batch_size=4, seed=0, vocab_limit=vocab_limit) as loader:
+    with build_train_loader(cfg, BatchPlan(4, 4), seed=0, vocab_limit=vocab_limit) as loader:
         return next(loader)
 
 
@@ -74,7 +75,7 @@ def test_out_of_vocabulary_token_is_refused_with_shard_and_offset(data_dir, veri
     cfg = DataConfig(dir=str(data_dir), seq_len=32, prefetch=0, verify_shards=verify)
     with pytest.raises(DataError, match=rf"shard .*{SHARD} holds token id 600 at token offset 1234, outside the "
                                         r"vocabulary of 512 ids"):
-        with build_train_loader(cfg, micro_batch_size=8, global_batch_size=8, seed=0) as loader:
+        with build_train_loader(cfg, BatchPlan(8, 8), seed=0) as loader:
             for _ in range(200):  # without verification: found when the window holding it is read
                 next(loader)
 
@@ -116,7 +117,7 @@ def test_start_up_reads_no_shard_and_each_is_verified_once(tmp_path, prepared_da
     calls.clear()
     cfg = DataConfig(dir=str(data), seq_len=8, prefetch=0)
     (data / bad).write_bytes(missing[bad])
-    with build_train_loader(cfg, micro_batch_size=16, global_batch_size=16, seed=0) as loader:
+    with build_train_loader(cfg, BatchPlan(16, 16), seed=0) as loader:
         for _ in range(60):  # two epochs: every shard read many times
             next(loader)
     assert sorted(calls) == sorted(missing)  # every shard verified, each exactly once

@@ -9,6 +9,7 @@ from distllm.data.loader import build_train_loader
 from distllm.data.mixing import MixSchedule
 from distllm.errors import ConfigError, DataError
 from distllm.tokenizer import save_tokenizer, train_tokenizer
+from distllm.batch_plan import BatchPlan
 
 T = 8
 
@@ -42,7 +43,7 @@ def two_sources(tmp_path, prepared_data):
 def test_loader_mixes_by_weight_and_saves_each_position(two_sources):
     web, code = two_sources
     cfg = DataConfig(dir=str(web), seq_len=T, mix={str(web): 0.7, str(code): 0.3}, prefetch=0)
-    with build_train_loader(cfg, micro_batch_size=16, global_batch_size=16, seed=0) as loader:
+    with build_train_loader(cfg, BatchPlan(16, 16), seed=0) as loader:
         assert loader.weights == pytest.approx([0.7, 0.3])
         from_code = 0
         for _ in range(150):  # 2400 samples: several epochs of both sources
@@ -63,7 +64,7 @@ def test_loader_mixes_by_weight_and_saves_each_position(two_sources):
 def test_each_epoch_of_a_source_covers_it_without_repeats(two_sources):
     web, code = two_sources
     cfg = DataConfig(dir=str(web), seq_len=T, mix={str(web): 0.7, str(code): 0.3}, prefetch=0)
-    with build_train_loader(cfg, micro_batch_size=8, global_batch_size=8, seed=1) as loader:
+    with build_train_loader(cfg, BatchPlan(8, 8), seed=1) as loader:
         seen = {0: [], 1: []}
         epochs = []
         for _ in range(100):
@@ -87,7 +88,7 @@ def test_mix_sources_must_share_a_tokenizer(two_sources, tmp_path, prepared_data
     other = make_data_dir(tmp_path / "other", other_tok, {"train": [np.arange(500)], "val": [np.arange(50)]})
     cfg = DataConfig(dir=str(web), seq_len=T, mix={str(web): 0.5, str(other): 0.5})
     with pytest.raises(DataError, match=r"data.mix sources were made with different tokenizers: .*web .*other"):
-        build_train_loader(cfg, micro_batch_size=4, global_batch_size=4, seed=0)
+        build_train_loader(cfg, BatchPlan(4, 4), seed=0)
 
 
 def test_mix_config_is_validated():
@@ -106,7 +107,7 @@ def test_mix_config_is_validated():
 def test_resume_refuses_another_mix(two_sources):
     web, code = two_sources
     mixed = DataConfig(dir=str(web), seq_len=T, mix={str(web): 0.7, str(code): 0.3}, prefetch=0)
-    state = build_train_loader(mixed, micro_batch_size=4, global_batch_size=4, seed=0).state_dict()
+    state = build_train_loader(mixed, BatchPlan(4, 4), seed=0).state_dict()
     alone = DataConfig(dir=str(web), seq_len=T, prefetch=0)
     with pytest.raises(DataError, match="the data loader state is for other data"):
-        build_train_loader(alone, micro_batch_size=4, global_batch_size=4, seed=0).load_state_dict(state)
+        build_train_loader(alone, BatchPlan(4, 4), seed=0).load_state_dict(state)

@@ -7,6 +7,7 @@ from distllm.config import DataConfig
 from distllm.data.loader import SampleIndex, TokenShards, build_train_loader
 from distllm.data.packing import document_attention_mask, document_ids, document_positions
 from distllm.data.shards import read_manifest
+from distllm.batch_plan import BatchPlan
 
 EOT = 0
 
@@ -65,7 +66,7 @@ def test_packing_loses_no_token(prepared_data):
 
 def test_loader_gives_document_ids_with_document_mask(prepared_data):
     cfg = DataConfig(dir=str(prepared_data), seq_len=32, document_mask=True, prefetch=2)
-    with build_train_loader(cfg, micro_batch_size=8, global_batch_size=8, seed=0) as loader:
+    with build_train_loader(cfg, BatchPlan(8, 8), seed=0) as loader:
         found_boundary = False
         for _ in range(30):
             window = next(loader)
@@ -74,6 +75,6 @@ def test_loader_gives_document_ids_with_document_mask(prepared_data):
             found_boundary |= bool((loader.last_doc_ids[:, -1] > 0).any())
         assert found_boundary
     plain = DataConfig(dir=str(prepared_data), seq_len=32)
-    with build_train_loader(plain, micro_batch_size=8, global_batch_size=8, seed=0) as loader:
+    with build_train_loader(plain, BatchPlan(8, 8), seed=0) as loader:
         next(loader)
         assert loader.last_doc_ids is None

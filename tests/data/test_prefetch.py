@@ -12,6 +12,7 @@ from synthetic import stream_dir
 from distllm.config import DataConfig
 from distllm.data.loader import SampleIndex, build_train_loader
 from distllm.errors import DataError
+from distllm.batch_plan import BatchPlan
 
 T = 8
 
@@ -23,7 +24,7 @@ def data(tmp_path, prepared_data):
 
 def make(data, prefetch, B=4, G=8):
     cfg = DataConfig(dir=str(data), seq_len=T, prefetch=prefetch)
-    return build_train_loader(cfg, micro_batch_size=B, global_batch_size=G, seed=3)
+    return build_train_loader(cfg, BatchPlan(G, B), seed=3)
 
 
 def prefetch_threads() -> set[threading.Thread]:

@@ -13,6 +13,7 @@ from synthetic import stream_dir
 
 from distllm.config import DataConfig
 from distllm.data.loader import build_train_loader
+from distllm.batch_plan import BatchPlan
 
 T, G = 8, 8
 STEPS = 40  # 15 steps per epoch of the single source: crosses two epoch boundaries
@@ -36,7 +37,7 @@ def data_config(sources, mixed: bool, prefetch: int) -> DataConfig:
 def run(cfg: DataConfig, world_size: int, steps: int, state=None):
     """Global batches (G sample ids each, in global-batch order) of ``steps`` steps, and the end state."""
     B = MICRO[world_size]
-    ranks = [build_train_loader(cfg, micro_batch_size=B, global_batch_size=G, seed=5, rank=r, world_size=world_size)
+    ranks = [build_train_loader(cfg, BatchPlan(G, B, world_size), seed=5, rank=r)
              for r in range(world_size)]
     for r in ranks:
         if state is not None:

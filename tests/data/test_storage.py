@@ -19,6 +19,7 @@ from distllm.config import from_dict
 from distllm.data import storage
 from distllm.data.storage import open_store, store_from_config
 from distllm.errors import ConfigError, DataError
+from distllm.batch_plan import BatchPlan
 
 pytest.importorskip("s3fs")
 
@@ -352,7 +353,7 @@ def test_training_from_s3_reads_the_same_windows_and_hits_the_cache(s3_bucket, s
     upload(s3_bucket.filesystem(), sharded_data, url)
     options = {**s3_bucket.storage_options, **FAST_FAIL}
     n_shards = len(json.loads((sharded_data / "manifest.json").read_text())["splits"]["train"]["shards"])
-    batch = dict(micro_batch_size=4, global_batch_size=8, seed=7)
+    batch = dict(plan=BatchPlan(8, 4), seed=7)
 
     def two_epochs(data_dir, storage_options=None):
         with build_train_loader(loader_config(data_dir, tmp_path / "cache", storage_options).data, **batch) as loader:
@@ -383,7 +384,7 @@ def test_training_when_the_server_stops_mid_epoch_ends_with_a_clear_error(moto_s
 
     url = private_bucket(moto_server, sharded_data)
     options = {**moto_server.storage_options, **FAST_FAIL}
-    batch = dict(micro_batch_size=4, global_batch_size=4, seed=3)
+    batch = dict(plan=BatchPlan(4, 4), seed=3)
     with build_train_loader(loader_config(str(sharded_data), tmp_path / "local").data, **batch) as loader:
         local = [next(loader) for _ in range(loader.batches_per_epoch())]
     got = []

@@ -22,7 +22,7 @@ def build(seed: int = 0, **kw) -> Transformer:
 
 def test_output_shape_and_config_build():
     cfg = tiny()
-    model = cfg.build()
+    model = Transformer(cfg)
     assert isinstance(model, Transformer)
     tokens = torch.randint(0, cfg.vocab_size, (3, 10))
     assert model(tokens).shape == (3, 10, cfg.vocab_size)
