@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, extra, parser)
     except (UserError, OSError) as e:  # OSError: unwritable or missing path, full disk (the message names it)
         if report:
-            print(f"distllm {args.command}: error: {e}", file=sys.stderr)
+            from distllm.redact import redact_text
+
+            print(f"distllm {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if report:
@@ -139,12 +141,16 @@ def check_sampling_args(args) -> None:
 
 
 def _saved_config(directory: str, overrides: list[str]):
-    """A run or checkpoint directory -> (the config saved in its checkpoint + overrides, the checkpoint)."""
+    """A run or checkpoint directory -> (the config saved in its checkpoint + overrides, the checkpoint).
+
+    Credentials were redacted when the config was saved; their placeholders are dropped here, so that
+    storage falls back to its environment credentials (or takes them from the overrides)."""
     from distllm import checkpoint
     from distllm.config import apply_overrides, from_dict
+    from distllm.redact import drop_redacted
 
     path = checkpoint.locate(directory)
-    saved = checkpoint.read_state(path).get("config", {})
+    saved = drop_redacted(checkpoint.read_state(path).get("config", {}))
     return from_dict(apply_overrides(saved, overrides)), str(path)
 
 

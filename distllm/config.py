@@ -33,6 +33,7 @@ import yaml
 from distllm.batch_plan import plan_problems
 from distllm.errors import ConfigError
 from distllm.model.config import ModelConfig
+from distllm.redact import redact
 
 
 @dataclass
@@ -77,8 +78,12 @@ class DataConfig:
     against the manifest's size and sha256 before use; later runs and epochs read the cached copies."""
     storage_options: Optional[dict] = None
     """Options of the fsspec filesystem of a remote ``data.dir``, e.g. ``{client_kwargs: {endpoint_url:
-    "http://127.0.0.1:9000"}}`` for an S3-compatible server (keep credentials in ``AWS_*`` environment
-    variables: this config is saved in the run directory)."""
+    "http://127.0.0.1:9000"}}`` for an S3-compatible server. Prefer the backend's environment variables
+    (``AWS_*``) for credentials. Credentials given here (keys named like ``key``, ``secret``, ``token``,
+    ``password``, ``credential``; a password in a URL) are redacted from every copy of the config that
+    is written or sent (``run.dir/config.yaml``, checkpoints, experiment trackers, log lines), so
+    ``distllm eval/generate RUN_DIR`` and a run resumed from another config do not see them: give them
+    again through the environment or an override (``--data.storage_options={key: ..., secret: ...}``)."""
     storage_retries: int = 5
     """Retries of a failed remote read (connection errors) before a clear error naming the file."""
     storage_backoff: float = 0.5
@@ -526,4 +531,11 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML with credentials redacted (``distllm.redact``): the file is a record of the run,
+    and run directories get copied, shared and uploaded."""
+    Path(path).write_text(yaml.safe_dump(redacted_dict(cfg), sort_keys=False))
+
+
+def redacted_dict(cfg: Config) -> dict:
+    """``cfg.to_dict()`` with credentials redacted: what run.dir/config.yaml, checkpoints and trackers get."""
+    return redact(cfg.to_dict())

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distllm import checkpoint, distributed, faults
-from distllm.config import Config, parse_duration, save_config
+from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
 from distllm.errors import CheckpointError, ConfigError, UserError
@@ -118,7 +118,7 @@ def train(cfg: Config) -> TrainResult:
         nonlocal last_save, save_seconds
         t0 = time.monotonic()
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
-                 "config": cfg.to_dict(), "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
+                 "config": redacted_dict(cfg), "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
         path = checkpoint.save(rt, run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last,
                                tokenizer_file=tokenizer_file)
         last_save, save_seconds = time.monotonic(), time.monotonic() - t0
