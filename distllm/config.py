@@ -217,11 +217,36 @@ class CheckpointConfig:
     """Check the sha256 of every checkpoint file this process reads against the commit manifest."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = 10
     """Log a metrics line every this many steps."""
-    tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that receive every record of ``metrics.jsonl`` (step = the optimizer step) and the
+    resolved config (credentials redacted) as the run's parameters, from the main process only:
+    ``tensorboard`` (``run.dir/tensorboard``), ``wandb`` (``pip install 'distllm[wandb]'``; files in
+    ``run.dir/wandb``; ``WANDB_MODE=offline`` works with no network, ``wandb sync run.dir/wandb/offline-run-*``
+    uploads later), ``mlflow`` (``pip install 'distllm[mlflow]'``; see ``mlflow_tracking_uri``). A resumed run
+    continues the same tracker runs (their ids are kept in ``run.dir/trackers.json`` and in checkpoints)
+    without writing a step twice. A tracker that cannot start is one warning and training goes on without it
+    (see ``trackers_required``)."""
+    trackers_required: bool = False
+    """Stop with an error, before training, when a tracker of ``trackers`` is not installed or cannot start
+    (no login, unreachable server) instead of warning and training without it."""
+    project: str = "distllm"
+    """Tracker project: the W&B project, the MLflow experiment."""
+    run_name: Optional[str] = None
+    """Tracker run name (None = the name of ``run.dir``)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow tracking server or store (None = ``MLFLOW_TRACKING_URI`` if set, else the local file store
+    ``run.dir/mlruns``, which works with no network; browse it with ``mlflow ui --backend-store-uri
+    run.dir/mlruns``)."""
+    tensorboard: Optional[bool] = None
+    """Older spelling kept for existing run files: ``false`` takes ``tensorboard`` out of ``trackers``, ``true``
+    adds it; null: ``trackers`` alone decides."""
     progress: bool = True
     """Show a progress bar on the console."""
     trace_samples: bool = False
@@ -230,6 +255,13 @@ class LoggingConfig:
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU (None = datasheet bf16 peak on known GPUs, measured
     fp32 matmul throughput on CPU)."""
+
+    def tracker_names(self) -> list[str]:
+        """``trackers`` without repeats, with the ``tensorboard`` switch applied."""
+        names = [n for n in dict.fromkeys(self.trackers) if n != "tensorboard" or self.tensorboard is not False]
+        if self.tensorboard and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        return names
 
 
 @dataclass
@@ -371,6 +403,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             key_tp, value_tp = typing.get_args(tp)
             return {_coerce(f"{name} key", k, key_tp): _coerce(f"{name}[{k!r}]", v, value_tp) for k, v in value.items()}
         return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            example = f"[{value}]" if isinstance(value, str) else "[a, b]"
+            raise ConfigError(f"{name} must be a list, e.g. {example}, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [v if item_tp is Any else _coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -479,6 +517,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.train.time_limit is not None:
         parse_duration(cfg.train.time_limit, "train.time_limit")
     check_resume_spec(cfg.checkpoint.resume_from)
+    if not cfg.logging.project.strip():
+        raise ConfigError("logging.project must not be empty")
+    if cfg.logging.run_name is not None and not cfg.logging.run_name.strip():
+        raise ConfigError("logging.run_name must not be empty (null = the name of run.dir)")
 
     t = cfg.train
     for problem in plan_problems(t.global_batch_size, t.micro_batch_size, world_size):

@@ -97,9 +97,10 @@ def train(cfg: Config) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     resume_step = step if resume_path is not None else None  # records after it are dropped from the logs
-    log = MetricsLogger(run_dir, enabled=rt.is_main, tensorboard=cfg.logging.tensorboard,
+    log = MetricsLogger(run_dir, enabled=rt.is_main, logging=cfg.logging, config=cfg.to_dict(),
                         progress=cfg.logging.progress, total_steps=cfg.train.max_steps, start_step=step,
-                        resume_step=resume_step)
+                        resume_step=resume_step, resumed_from=resume_path)  # console, jsonl, trackers
+    on_main(rt, log.check_trackers)  # a required tracker that could not start stops every rank, before training
     trace = SampleTrace(run_dir, rt.rank, resume_step) if cfg.logging.trace_samples else None
     tokens_per_step = cfg.train.global_batch_size * T
     flops_tok = flops_per_token(cfg.model, T)
@@ -118,7 +119,8 @@ def train(cfg: Config) -> TrainResult:
         nonlocal last_save, save_seconds
         t0 = time.monotonic()
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
-                 "config": redacted_dict(cfg), "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
+                 "config": redacted_dict(cfg), "trackers": log.tracker_state(),  # tracker run ids, for resuming
+                 "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
         path = checkpoint.save(rt, run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last,
                                tokenizer_file=tokenizer_file)
         last_save, save_seconds = time.monotonic(), time.monotonic() - t0

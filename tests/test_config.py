@@ -124,3 +124,19 @@ def test_presets_have_their_documented_size(name, params):
 
     n = count_params(load_config(CONFIGS / name).model)
     assert n == pytest.approx(params, rel=0.005), n
+
+
+def test_trackers_list_and_the_older_tensorboard_switch():
+    assert Config().logging.tracker_names() == ["tensorboard"]  # TensorBoard stays the default
+    cfg = load_config(None, ["--logging.trackers=[wandb, mlflow, wandb]"])
+    assert cfg.logging.tracker_names() == ["wandb", "mlflow"]
+    assert load_config(None, ["--logging.tensorboard=false"]).logging.tracker_names() == []
+    cfg = load_config(None, ["--logging.trackers=[mlflow]", "--logging.tensorboard=true"])
+    assert cfg.logging.tracker_names() == ["tensorboard", "mlflow"]
+    with pytest.raises(ConfigError, match=r"logging.trackers\[0\] must be one of 'tensorboard', 'wandb', 'mlflow', "
+                                          r"got 'wb'"):
+        load_config(None, ["--logging.trackers=[wb]"])
+    with pytest.raises(ConfigError, match=r"logging.trackers must be a list, e.g. \[wandb\]"):
+        load_config(None, ["--logging.trackers=wandb"])
+    with pytest.raises(ConfigError, match="logging.run_name must not be empty"):
+        load_config(None, ["--logging.run_name=' '"]).validate()

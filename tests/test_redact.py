@@ -33,7 +33,8 @@ def test_storage_options_urls_and_mix_keys():
     config = {"data": {
         "dir": "s3://AKIAX:se/cr+et@bucket/corpus",
         "storage_options": {"key": "AKIAPLANTED", "secret": "s3cr3tPLANTED", "anon": False, "token": None,
-                            "client_kwargs": {"endpoint_url": "http://u:pa@ss@127.0.0.1:9000/x?X-Amz-Signature=abcd1234&y=1"},
+                            "client_kwargs": {
+                                "endpoint_url": "http://u:pa@ss@127.0.0.1:9000/x?X-Amz-Signature=abcd1234&y=1"},
                             "headers": {"Authorization": "Bearer tokPLANTED"}, "port": 9000},
         "mix": {"https://ghp_PLANTEDTOKEN@host/web": 0.7, "data/code": 0.3},
     }}
@@ -42,7 +43,8 @@ def test_storage_options_urls_and_mix_keys():
     o = out["storage_options"]
     assert o["key"] == o["secret"] == o["headers"]["Authorization"] == REDACTED
     assert o["anon"] is False and o["token"] is None and o["port"] == 9000  # nothing hidden there
-    assert o["client_kwargs"]["endpoint_url"] == f"http://u:{REDACTED}@127.0.0.1:9000/x?X-Amz-Signature={REDACTED}&y=1"
+    assert o["client_kwargs"]["endpoint_url"] == \
+        f"http://u:{REDACTED}@127.0.0.1:9000/x?X-Amz-Signature={REDACTED}&y=1"
     assert out["mix"] == {f"https://{REDACTED}@host/web": 0.7, "data/code": 0.3}
     assert secret_values(config) == {"se/cr+et", "AKIAPLANTED", "s3cr3tPLANTED", "pa@ss", "abcd1234",
                                      "Bearer tokPLANTED", "ghp_PLANTEDTOKEN"}
@@ -73,6 +75,7 @@ def test_saved_config_is_redacted(tmp_path):
 
 def test_command_line_with_a_credential_is_noticed():
     secrets = secret_values({"data": {"storage_options": {"secret": "s3cr3tPLANTED"}}})
-    assert command_line_has_secrets(secrets, ["distllm", "train", "run.yaml", "--data.storage_options={secret: s3cr3tPLANTED}"])
+    argv = ["distllm", "train", "run.yaml", "--data.storage_options={secret: s3cr3tPLANTED}"]
+    assert command_line_has_secrets(secrets, argv)
     assert command_line_has_secrets(set(), ["distllm", "train", "--data.dir=s3://k:s3cr3t@bucket/x"])
     assert not command_line_has_secrets(secrets, ["distllm", "train", "run.yaml", "--train.max_steps=10"])
