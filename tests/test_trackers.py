@@ -223,6 +223,12 @@ def test_a_planted_secret_reaches_no_file_of_the_run_and_no_tracker(tiny_config,
     client = mlflow_client(run_dir)
     (mlflow_run,) = client.search_runs([client.get_experiment_by_name("distllm").experiment_id])
     assert json.loads(mlflow_run.data.params["data.storage_options"]) == saved
+    # `distllm eval/generate RUN_DIR` read the saved config without the placeholders (the environment's
+    # credentials or an override take their place)
+    from distllm.__main__ import _saved_config
+
+    reread, _ = _saved_config(str(run_dir), [])
+    assert reread.data.storage_options == {"anon": False, "client_kwargs": {"endpoint_url": "http://someone@127.0.0.1:9"}}
 
 
 # ---------------------------------------------------------------------------- trackers that cannot start
