@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: %(default)s, as trained)")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="split the weights into safetensors files of at most this size (default: %(default)s)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (a file, or the template text) to write into tokenizer_config.json "
+                        "instead of the checkpoint's own (default: the one it was trained with, else distllm's "
+                        "Alpaca-style default)")
     return parser
 
 
@@ -161,7 +165,7 @@ def _run(args, extra: list[str], parser) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from distllm.export import export
 
-        print(f"wrote {export(args.target, args.out, args.dtype, args.max_shard_gb)}")
+        print(f"wrote {export(args.target, args.out, args.dtype, args.max_shard_gb, args.chat_template)}")
         return 0
 
     from distllm.config import load_config
