@@ -88,7 +88,7 @@ class _Generation(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}``: renders its body (transformers uses it to mark
     assistant text; we find assistant spans by rendering prefixes instead)."""
 
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
@@ -102,7 +102,7 @@ class _Generation(jinja2.ext.Extension):
 class _Namespace(jinja2.utils.Namespace):
     """Jinja's ``namespace()`` that refuses attribute names starting with an underscore."""
 
-    def __init__(*args, **kwargs):  # noqa: N805 - same calling convention as jinja2.utils.Namespace
+    def __init__(*args, **kwargs):  # same calling convention as jinja2.utils.Namespace (no named self)
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:

@@ -4,7 +4,12 @@ end-of-sequence tokens."""
 
 import pytest
 
-from distllm.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, check_messages, load_chat_template
+from distllm.chat import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    check_messages,
+    load_chat_template,
+)
 from distllm.errors import ConfigError, DataError
 from distllm.export import write_tokenizer_files
 from distllm.tokenizer import EOT, eot_id, save_tokenizer, train_tokenizer

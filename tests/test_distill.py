@@ -14,6 +14,15 @@ from distllm.distill import DIVERGENCES, distill_loss, teacher_topk
 V = 50
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits for its share on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def data(seed=0, B=3, T=7, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(B, T, V, generator=g) * scale

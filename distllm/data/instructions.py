@@ -17,6 +17,7 @@ DataError naming the file and the line (``.jsonl``), element (``.json`` array) o
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,12 +44,7 @@ class Example:
 
 def read_examples(source: str, max_examples: int | None = None) -> Iterator[Example]:
     """The examples of ``source`` in order (at most ``max_examples``)."""
-    count = 0
-    for example in _examples(source):
-        if max_examples is not None and count >= max_examples:
-            return
-        count += 1
-        yield example
+    return itertools.islice(_examples(source), max_examples)
 
 
 def _examples(source: str) -> Iterator[Example]:

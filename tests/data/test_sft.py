@@ -131,7 +131,7 @@ def test_split_is_by_content_and_data_id_is_deterministic(tok):
     assert 4 <= len(val) <= 20 and len(train) + len(val) == 60
     shuffled = examples[:]
     random.Random(1).shuffle(shuffled)
-    train2, val2 = split_examples(shuffled, 0.2, "test")
+    _, val2 = split_examples(shuffled, 0.2, "test")
     assert sorted(e.where for e in val2) == sorted(e.where for e in val)  # the same texts, whatever the order
 
     template = load_chat_template(None)

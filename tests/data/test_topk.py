@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from distllm.data.topk import MANIFEST, TeacherTopK, TopKMeta, TopKWriter, write_topk_manifest, write_topk_shard
+from distllm.data.topk import (
+    MANIFEST,
+    TeacherTopK,
+    TopKMeta,
+    TopKWriter,
+    write_topk_manifest,
+    write_topk_shard,
+)
 from distllm.distill import teacher_topk
 from distllm.errors import DataError
 
