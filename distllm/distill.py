@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 IGNORE = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-CHUNK_ELEMENTS = 1 << 25
-"""Default chunk: this many logits (128 MiB per fp32 copy), i.e. CHUNK_ELEMENTS // V positions."""
+CHUNK_ELEMENTS = 1 << 23
+"""Default chunk: this many logits (32 MiB per fp32 copy), i.e. CHUNK_ELEMENTS // V positions."""
 
 
 # --------------------------------------------------------------------------- divergences on rows
