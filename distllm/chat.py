@@ -253,7 +253,8 @@ class ChatTemplate:
 
     def encode(self, tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> ChatTokens:
         """Token ids of the rendered conversation (each end-of-sequence token as its id, text inside
-        messages as plain text) and the response mask; see the module doc."""
+        messages as plain text) and the response mask (see the module doc; all False with
+        ``add_generation_prompt``: then the whole conversation is a prompt)."""
         messages = _plain(messages)
         eos = eot_id(tok)
         full = self._render(messages, add_generation_prompt, _SENTINEL)
