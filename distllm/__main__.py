@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="treat --prompt as a user message: render it with the checkpoint's chat template and print "
+                        "the assistant's reply, generated up to the end-of-sequence token")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user message")
 
     p = sub.add_parser("plot", help="plot the curves of a run as a PNG",
                        description="Write loss / validation / learning-rate / throughput curves of a run "
@@ -86,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the exported weights (default: %(default)s, as trained)")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="split the weights into safetensors files of at most this size (default: %(default)s)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (a file, or the template text) to write into tokenizer_config.json "
+                        "instead of the checkpoint's own (default: the one it was trained with, else distllm's "
+                        "Alpaca-style default)")
     return parser
 
 
@@ -138,6 +146,8 @@ def check_sampling_args(args) -> None:
         raise ConfigError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat (a system message belongs to a chat)")
 
 
 def _saved_config(directory: str, overrides: list[str]):
@@ -167,7 +177,7 @@ def _run(args, extra: list[str], parser) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from distllm.export import export
 
-        print(f"wrote {export(args.target, args.out, args.dtype, args.max_shard_gb)}")
+        print(f"wrote {export(args.target, args.out, args.dtype, args.max_shard_gb, args.chat_template)}")
         return 0
 
     from distllm.config import load_config
@@ -209,7 +219,8 @@ def _run(args, extra: list[str], parser) -> int:
 
         check_sampling_args(args)
         print(run_generate(cfg, target, args.prompt, args.max_new_tokens, args.temperature,
-                           args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed))
+                           args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed,
+                           chat=args.chat, system=args.system))
     return 0
 
 

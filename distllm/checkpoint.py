@@ -515,3 +515,37 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------- the training loop's checkpointer
+
+
+class Checkpointer:
+    """What the training loop saves through: ``save`` at a step boundary (every rank), ``seconds`` (how
+    long the last save blocked the loop: the time-limit margin), ``poll`` at each step boundary and
+    ``wait`` before exiting (a pending save's outcome; saves are synchronous here, so both are no-ops)."""
+
+    def __init__(self, rt: "Runtime", run_dir: str | os.PathLike, keep_last: int, tokenizer_file: Path | None):
+        import time
+
+        self.rt, self.run_dir, self.keep_last, self.tokenizer_file = rt, Path(run_dir), keep_last, tokenizer_file
+        self.seconds = 0.0
+        self.last_time = time.monotonic()
+        self.last_path: Path | None = None
+
+    def save(self, step: int, model, optimizer, state: dict) -> Path:
+        import time
+
+        t0 = time.monotonic()
+        self.last_path = save(self.rt, self.run_dir, step, model, optimizer, state, self.keep_last,
+                              tokenizer_file=self.tokenizer_file)
+        self.last_time = time.monotonic()
+        self.seconds = self.last_time - t0
+        return self.last_path
+
+    def poll(self) -> None:
+        """Raise the error of a save that failed in the background (none here)."""
+
+    def wait(self) -> Path | None:
+        """Finish the pending save, if any; the newest checkpoint this run saved."""
+        return self.last_path

@@ -9,7 +9,8 @@ directory. ``DIR`` receives what ``transformers.AutoModelForCausalLM.from_pretra
     model.safetensors            weights under HF names (or model-0000i-of-0000N.safetensors shards
                                  of at most --max-shard-gb each, with model.safetensors.index.json)
     tokenizer.json               the run's byte-level BPE, as trained
-    tokenizer_config.json        PreTrainedTokenizerFast, special tokens, split_special_tokens
+    tokenizer_config.json        PreTrainedTokenizerFast, special tokens, split_special_tokens, and the
+                                 chat template (``chat_template``, see distllm/chat.py)
     special_tokens_map.json
 
 The weights are a plain split of the fused ones (see the mapping at the top of
@@ -25,7 +26,9 @@ What it reads of a checkpoint (``distllm.checkpoint``): the commit marker, ``sta
 with the model section and data.dir, "tokenizer_fingerprint"), the whole fp32 tensors of its
 ``model*.safetensors`` files by parameter name (one file, or one per rank under ZeRO: their union is
 the state dict, so a ZeRO-3 checkpoint exports on one CPU host without the GPUs that wrote it), and
-its own ``tokenizer.json`` (else data.dir's, checked against the fingerprint).
+its own ``tokenizer.json`` (else data.dir's, checked against the fingerprint), and the chat template
+it was trained with (``chat.checkpoint_chat_template``: its ``chat_template.jinja``, else the config's
+``sft.chat_template``, else the default), unless ``chat_template`` names another.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from distllm import checkpoint
+from distllm.chat import ChatTemplate, checkpoint_chat_template, load_chat_template
 from distllm.config import ModelConfig, from_dict
 from distllm.errors import CheckpointError, ConfigError, DataError
 from distllm.tokenizer import EOT, eot_id, fingerprint, load_tokenizer
@@ -67,8 +71,11 @@ class Piece:
 
 
 def export(target: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
-           max_shard_gb: float = 5.0) -> Path:
-    """Write the checkpoint ``target`` (run or checkpoint directory) as an HF Llama directory ``out``."""
+           max_shard_gb: float = 5.0, chat_template: str | None = None) -> Path:
+    """Write the checkpoint ``target`` (run or checkpoint directory) as an HF Llama directory ``out``.
+
+    ``chat_template``: a Jinja template or the path of one (``chat.load_chat_template``) to write
+    instead of the checkpoint's own."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not max_shard_gb > 0:
@@ -81,6 +88,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike, dtype: str = "floa
     cfg = _model_config(ckpt, state)
     tok_path = _tokenizer_path(ckpt, state)
     tok = load_tokenizer(tok_path)
+    template = (checkpoint_chat_template(ckpt, state) if chat_template is None
+                else load_chat_template(chat_template, "--chat-template"))
     if tok.get_vocab_size() > cfg.vocab_size:
         raise CheckpointError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens, more than the model's "
                               f"vocab_size {cfg.vocab_size}")
@@ -96,7 +105,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike, dtype: str = "floa
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, eot), indent=2) + "\n")
         generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _write_tokenizer(tmp, tok_path, cfg.max_seq_len)
+        write_tokenizer_files(tmp, tok_path, cfg.max_seq_len, template)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
@@ -257,7 +266,8 @@ def _shard(pieces: list[Piece], itemsize: int, max_bytes: int) -> Iterator[list[
         yield shard
 
 
-def _write_tokenizer(out: Path, tok_path: Path, max_seq_len: int) -> None:
+def write_tokenizer_files(out: Path, tok_path: Path, max_seq_len: int, template: ChatTemplate) -> None:
+    """tokenizer.json, tokenizer_config.json (with ``chat_template``) and special_tokens_map.json into ``out``."""
     shutil.copyfile(tok_path, out / TOKENIZER_FILE)
     special = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
     config = {
@@ -269,6 +279,7 @@ def _write_tokenizer(out: Path, tok_path: Path, max_seq_len: int) -> None:
         "split_special_tokens": True,
         "add_bos_token": False,
         "add_eos_token": False,
+        "chat_template": template.source,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -105,9 +105,31 @@ def generate(
     return tokens
 
 
+def chat_generate(model, tok, template, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> tuple[str, list[int]]:
+    """The assistant's reply to ``messages``: the conversation rendered by ``template`` (a
+    ``distllm.chat.ChatTemplate``) with the generation prompt, continued until the end-of-sequence
+    token (or ``max_new_tokens``). Returns (reply text without the end-of-sequence token, new ids
+    including it when it was produced)."""
+    from distllm.tokenizer import eot_id
+
+    eos = eot_id(tok)
+    ids = template.encode(tok, messages, add_generation_prompt=True).ids.tolist()
+    out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id=eos, generator=generator)
+    new = out[0, len(ids):].tolist()
+    reply = new[: new.index(eos)] if eos in new else new
+    return tok.decode(reply, skip_special_tokens=True), new
+
+
 def run_generate(cfg, spec: str | None, prompt: str, max_new_tokens: int, temperature: float,
-                 top_k: int | None, top_p: float | None, seed: int) -> str:
-    """``distllm generate``: continue ``prompt`` with the checkpoint ``spec`` (default: latest of run.dir)."""
+                 top_k: int | None, top_p: float | None, seed: int, chat: bool = False,
+                 system: str | None = None) -> str:
+    """``distllm generate``: continue ``prompt`` with the checkpoint ``spec`` (default: latest of run.dir).
+
+    ``chat``: ``prompt`` is a user message (after an optional ``system`` message); the conversation
+    is rendered with the checkpoint's chat template and the assistant's reply returned, generated up
+    to the end-of-sequence token."""
     from pathlib import Path
 
     from distllm.data.shards import TOKENIZER_FILE
@@ -126,9 +148,16 @@ def run_generate(cfg, spec: str | None, prompt: str, max_new_tokens: int, temper
     if fingerprint(tok) != state["tokenizer_fingerprint"]:
         raise DataError(f"{Path(cfg.data.dir) / TOKENIZER_FILE} is a different tokenizer than the one checkpoint "
                         f"{path} was trained with; point data.dir at that run's data")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if chat:
+        from distllm.chat import checkpoint_chat_template
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        reply, _ = chat_generate(model, tok, checkpoint_chat_template(path, state), messages, max_new_tokens,
+                                 temperature, top_k, top_p, generator)
+        return reply
     ids = tok.encode(prompt).ids
     if not ids:
         raise DataError("the prompt is empty; pass some text with --prompt")
-    generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, eos_id=eot_id(tok), generator=generator)
     return tok.decode(out[0].tolist(), skip_special_tokens=True)

@@ -175,6 +175,8 @@ class MetricsLogger:
 
 
 def format_record(r: dict) -> str:
+    if "event" in r:
+        return f"step {r['step']:>6} | {r['event']}" + (f" from {r['checkpoint']}" if r.get("checkpoint") else "")
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
     if r.get("skipped"):

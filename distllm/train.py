@@ -1,18 +1,25 @@
-"""The training loop. Reads top to bottom: set up, decide on resume, build, loop, save.
+"""The training loop: one loop for every objective. Reads top to bottom: set up, decide on resume,
+build, loop, clean up.
 
-One optimizer step consumes ``train.global_batch_size`` sequences: every process runs
-``accum = global / (micro x processes)`` micro-batches of ``train.micro_batch_size``, and the
-engine (one process, DDP or DeepSpeed ZeRO; see ``distributed.py``) syncs the gradients once, on
-the last micro-batch. Every decision that ends or pauses the loop (a signal, the time limit, a
-periodic save, a non-finite gradient) is agreed by all ranks at a step boundary, so they always
-save at the same step and never wait for each other forever.
+One optimizer step consumes one global batch (``BatchPlan``): every process runs ``accum``
+micro-batches, and the engine (one process, DDP or DeepSpeed ZeRO; ``distributed.py``) syncs the
+gradients once, on the last one. The loss is the step's summed token loss divided by the tokens that
+count in the whole step, over every micro-batch and process (``objectives.py``), so accumulation and
+the number of processes do not change it. Every decision that ends or pauses the loop (a signal, the
+time limit, ``exit_at_step``, a periodic save, a non-finite gradient) is agreed by all ranks at a step
+boundary (``decide``), so they always save at the same step and never wait for each other forever.
+Whatever way ``train`` exits (return, user error, crash, Ctrl-C), the signal handlers are restored and
+the logs, loader and progress bar closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from collections import deque
@@ -22,17 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distllm import checkpoint, distributed, faults
+from distllm import checkpoint, distributed, errors, faults
+from distllm.batch_plan import validation_micro_batch
 from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
-from distllm.errors import CheckpointError, ConfigError, UserError
+from distllm.errors import ConfigError, UserError
 from distllm.evaluate import ValidationSet, validation_loss
-from distllm.loss import next_token_loss
 from distllm.metrics import MetricsLogger, perplexity
-from distllm.batch_plan import validation_micro_batch
 from distllm.model import Transformer, count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
+from distllm.objectives import Objective, counted_tokens, next_token_objective
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
 
@@ -52,37 +59,25 @@ class TrainResult:
     exit_code: int = 0
 
 
-def train(cfg: Config) -> TrainResult:
-    # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
+def train(cfg: Config, objective: Objective = next_token_objective) -> TrainResult:
     stop = StopRequest()  # from here on, SIGTERM / SIGUSR1 / SIGINT only set a flag
+    with contextlib.ExitStack() as cleanup:  # runs on every exit: return, error, Ctrl-C
+        cleanup.callback(stop.restore)
+        return _train(cfg, objective, stop, cleanup)
+
+
+def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contextlib.ExitStack) -> TrainResult:
+    # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
     if cfg.train.debug:
         cfg = debug_config(cfg)
     rt = distributed.setup(cfg)
-    run_dir = Path(cfg.run.dir)
+    run_dir = Path(cfg.run.dir) / "debug" if cfg.train.debug else Path(cfg.run.dir)
     resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))
-    deadline = time.monotonic() + parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
 
-    # ---- data: one global sample order, this rank's slice of every global batch
-    T, B = cfg.data.seq_len, rt.plan.micro_batch
-    loader = build_train_loader(cfg.data, rt.plan, seed=cfg.train.seed, rank=rt.rank,
-                                vocab_limit=cfg.model.vocab_size,  # data of a larger vocabulary is refused
-                                pin_memory=rt.device.type == "cuda")
-    if cfg.train.debug:
-        loader = FirstBatchOnly(loader)
-    val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
-    val = ValidationSet(val_split, T, validation_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size),
-                        cfg.train.eval_batches, rt.rank, rt.world_size)
-    tokenizer_file = val_split.tokenizer_path  # copied into every checkpoint (a local copy for s3:// data)
-
-    # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
-    torch.manual_seed(cfg.train.seed)
-    with rt.init_context():  # ZeRO-3: parameters are partitioned as they are created
-        model = Transformer(cfg.model)
-    if rt.zero_stage != 3:
-        model = model.to(rt.device)
-    seed_everything(cfg.train.seed + rt.rank)  # rank-dependent streams only from here on
-    optimizer = build_optimizer(model, cfg.optim, rt.device.type)
-    model, optimizer = rt.parallelize(model, optimizer, cfg.train)
+    # ---- data, model and optimizer
+    T = cfg.data.seq_len
+    loader, val, tokenizer_file = build_data(cfg, rt, cleanup)
+    model, optimizer = build_model(cfg, rt)
     step, skipped_total = 0, 0
     if resume_path is not None:
         state = checkpoint.load(rt, resume_path, model, optimizer, verify=cfg.checkpoint.verify)
@@ -92,7 +87,7 @@ def train(cfg: Config) -> TrainResult:
         loader.load_state_dict(state["data"])
         step, skipped_total = state["step"], state.get("skipped_steps", 0)
 
-    # ---- bookkeeping
+    # ---- logs and checkpoints
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -100,31 +95,30 @@ def train(cfg: Config) -> TrainResult:
     log = MetricsLogger(run_dir, enabled=rt.is_main, logging=cfg.logging, config=cfg.to_dict(),
                         progress=cfg.logging.progress, total_steps=cfg.train.max_steps, start_step=step,
                         resume_step=resume_step, resumed_from=resume_path)  # console, jsonl, trackers
+    cleanup.callback(log.close)
     on_main(rt, log.check_trackers)  # a required tracker that could not start stops every rank, before training
     trace = SampleTrace(run_dir, rt.rank, resume_step) if cfg.logging.trace_samples else None
+    if trace is not None:
+        cleanup.callback(trace.close)
+    saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file)
     tokens_per_step = cfg.train.global_batch_size * T
-    flops_tok = flops_per_token(cfg.model, T)
-    peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)
+    speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T),
+                       (cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)) * rt.world_size)
+    losses = LossLog(rt, log, cfg.train.spike_factor)
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
-        f"{rt.engine_name} ({rt.precision}) | global batch {cfg.train.global_batch_size} x {T} tokens = micro {B} "
-        f"x accum {rt.accum} x {rt.world_size}{' (micro-batch derived)' if rt.plan.derived else ''} | "
+        f"{rt.engine_name} ({rt.precision}) | {rt.plan.describe()} | seq {T} | "
         + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
     )
-
-    last_save = time.monotonic()
-    save_seconds = 0.0
+    if resume_path is not None:
+        log.log({"step": step, "event": "resume", "checkpoint": str(resume_path)})
 
     def save(at_step: int) -> Path:
-        nonlocal last_save, save_seconds
-        t0 = time.monotonic()
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
                  "config": redacted_dict(cfg), "trackers": log.tracker_state(),  # tracker run ids, for resuming
                  "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
-        path = checkpoint.save(rt, run_dir, at_step, model, optimizer, state, cfg.checkpoint.keep_last,
-                               tokenizer_file=tokenizer_file)
-        last_save, save_seconds = time.monotonic(), time.monotonic() - t0
-        log.print(f"saved checkpoint {path} ({save_seconds:.1f} s)")
+        path = saver.save(at_step, model, optimizer, state)
+        log.print(f"saved checkpoint {path} ({saver.seconds:.1f} s)")
         return path
 
     def evaluate(at_step: int) -> float:
@@ -134,116 +128,239 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- the loop
     model.train()
+    deadline = time.monotonic() + parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
     if step == 0 and cfg.train.eval_every:
         evaluate(0)  # the untrained model's validation loss, as a baseline in metrics.jsonl
-    pending: list[tuple[int, float, torch.Tensor, torch.Tensor, np.ndarray]] = []  # logged lazily
-    recent = deque(maxlen=50)  # recent step losses, for spike detection
-    loss_value, val_loss, ckpt_path, stopped, exit_code = float("nan"), float("nan"), None, "", 0
-    skipped_in_a_row, slowest_step, first_loss = 0, 0.0, None
-    timer, timed_steps, paused = time.perf_counter(), 0, 0.0  # throughput excludes evaluation and saving
+    val_loss, ckpt_path, boundary, skipped_in_a_row = float("nan"), None, Boundary(), 0
+    speed.start()
     while step < cfg.train.max_steps:
-        t_step = time.monotonic()
+        # one optimizer step over the plan's micro-batches
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
         set_lr(optimizer, lr)
-        step_loss = torch.zeros((), device=rt.device)
-        loss_tokens, step_tokens = B * T, cfg.train.global_batch_size * T
-        indices = []
+        batches, indices = [], []
         for _ in range(rt.accum):
-            window = next(loader).to(rt.device, non_blocking=True)
+            batches.append({k: v.to(rt.device, non_blocking=True) for k, v in loader.next_batch().items()})
             indices.append(loader.last_indices)
-            doc_ids = None
-            if cfg.data.document_mask:  # attention stays inside each packed document
-                doc_ids = torch.as_tensor(loader.last_doc_ids).to(rt.device, non_blocking=True)
+        step_tokens = rt.sum(sum(counted_tokens(b) for b in batches))  # the step's counted tokens, every rank
+        step_loss = torch.zeros((), device=rt.device)
+        for batch in batches:
             with rt.accumulate(model):
-                loss = next_token_loss(model, window, doc_ids)
+                loss_sum, _ = objective(model, batch)
                 if faults.trigger("loss", rank=rt.rank, step=step + 1):
-                    loss = loss * float("inf")
-                rt.backward(loss * loss_tokens, step_tokens)
-            step_loss += loss.detach() / rt.accum
+                    loss_sum = loss_sum * float("inf")
+                rt.backward(loss_sum, step_tokens)
+            step_loss += loss_sum.detach()
         grad_norm, applied = rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
         step_samples = np.concatenate(indices)  # this rank's global sample indices of the step
         step += 1
-        timed_steps += 1
+        speed.step()
         log.advance()
-        if not applied:  # a non-finite gradient on some rank: every rank skipped this step
-            skipped_total += 1
-            skipped_in_a_row += 1
-            log.log({"step": step, "skipped": True, "loss": rt.mean(step_loss).item(), "grad_norm": float(grad_norm)})
-            if cfg.train.on_nonfinite == "halt" or skipped_in_a_row > cfg.train.max_skipped_steps:
-                why = ("train.on_nonfinite is 'halt'" if cfg.train.on_nonfinite == "halt"
-                       else f"{skipped_in_a_row} consecutive steps were skipped")
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step}; the optimizer step was skipped and {why}. "
-                    f"Last good checkpoint: {checkpoint.latest(run_dir)}. Lower optim.lr or raise optim.warmup_steps"
-                )
-        else:
+
+        # what the step left: a skipped step, or one more loss to log
+        if applied:
             skipped_in_a_row = 0
-            pending.append((step, lr, step_loss, grad_norm, step_samples))
+            losses.add(step, lr, step_loss, step_tokens, grad_norm, step_samples)
+        else:  # a non-finite gradient on some rank: every rank skipped this step
+            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
+            check_nonfinite(rt, log, cfg, step, step_loss / step_tokens, grad_norm, skipped_in_a_row, run_dir)
         if trace is not None:
             trace.write(step, step_samples)
         faults.trigger("step", rank=rt.rank, step=step)
-        slowest_step = max(slowest_step, time.monotonic() - t_step)
-
-        if pending and (step % cfg.logging.log_every == 0 or step == cfg.train.max_steps):
-            losses = rt.mean(torch.stack([p[2] for p in pending])).tolist()  # the logging sync, not every step
-            for (s, _, _, _, ids), value in zip(pending, losses):
-                check_spike(rt, log, recent, cfg.train.spike_factor, s, value, ids)
-            loss_value = sum(losses) / len(losses)
-            first_loss = losses[0] if first_loss is None else first_loss
-            tokens_per_s = timed_steps * tokens_per_step / (time.perf_counter() - timer - paused)
-            s, lr_last, _, norm, _ = pending[-1]
-            log.log({"step": s, "loss": loss_value, "lr": lr_last, "grad_norm": float(norm),
-                     "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_tok, peak * rt.world_size),
-                     "tokens": s * tokens_per_step})
-            pending.clear()
-            timer, timed_steps, paused = time.perf_counter(), 0, 0.0
+        if losses.pending and (step % cfg.logging.log_every == 0 or step == cfg.train.max_steps):
+            losses.flush(speed)
 
         # ---- step boundary: every rank agrees on what happens next
-        now = time.monotonic()
-        time_up = deadline is not None and now + 2 * slowest_step + save_seconds + 5 >= deadline
-        periodic = cfg.checkpoint.every_minutes > 0 and now - last_save >= 60 * cfg.checkpoint.every_minutes
-        sigint, signalled, time_up, periodic = rt.any(stop.signum == signal.SIGINT, stop.requested, time_up and rt.is_main,
-                                                      periodic and rt.is_main)
-        last = step == cfg.train.max_steps
-        exit_now = step == cfg.train.exit_at_step
-        pause_start = time.perf_counter()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-            val_loss = evaluate(step)
-        if not cfg.train.debug and (last or signalled or time_up or exit_now or periodic
-                                    or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-            ckpt_path = save(step)
-        paused += time.perf_counter() - pause_start
-        if signalled or time_up or exit_now:
-            stopped = ("interrupted (SIGINT)" if sigint else "a stop signal" if signalled
-                       else "train.time_limit" if time_up else "train.exit_at_step")
-            exit_code = 130 if sigint else 0
-            log.print(f"stopping at step {step} for {stopped}: saved {ckpt_path}; run the same command to resume")
+        saver.poll()
+        boundary = decide(rt, cfg, step, stop, speed, saver, deadline)
+        with speed.paused():  # evaluation and saving do not count against throughput
+            if boundary.evaluate:
+                val_loss = evaluate(step)
+            if boundary.save:
+                ckpt_path = save(step)
+        if boundary.stop:
+            ckpt_path = saver.wait() or ckpt_path
+            log.print(f"stopping at step {step} for {boundary.stop}: saved {ckpt_path}; run the same command to resume")
             break
 
+    # ---- the end
+    ckpt_path = saver.wait() or ckpt_path
     if cfg.train.debug:
-        overfit_check(log, first_loss=first_loss, last_loss=loss_value, steps=step)
+        overfit_check(log, first_loss=losses.first, last_loss=losses.last, steps=step)
     elif ckpt_path is None and step >= cfg.train.max_steps:  # resumed at (or past) max_steps: nothing to train
         ckpt_path = resume_path
         log.print(f"already at step {step} >= train.max_steps; nothing to train")
     rt.barrier()
-    log.close()
-    if trace is not None:
-        trace.close()
-    loader.close()
-    val_split.close()
-    stop.restore()
-    return TrainResult(step=step, loss=loss_value, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main,
-                       stopped=stopped, exit_code=exit_code)
+    return TrainResult(step=step, loss=losses.last, val_loss=val_loss, checkpoint=ckpt_path, is_main=rt.is_main,
+                       stopped=boundary.stop, exit_code=boundary.exit_code)
 
 
-# ---------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------- building
+
+
+def build_data(cfg: Config, rt, cleanup: contextlib.ExitStack):
+    """(this rank's training batches, the validation set, the local tokenizer file): one global sample
+    order for any number of processes, this rank's slice of every global batch."""
+    loader = build_train_loader(cfg.data, rt.plan, seed=cfg.train.seed, rank=rt.rank,
+                                vocab_limit=cfg.model.vocab_size,  # data of a larger vocabulary is refused
+                                pin_memory=rt.device.type == "cuda")
+    cleanup.callback(loader.close)
+    if cfg.train.debug:
+        loader = FirstBatchOnly(loader)
+    val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
+    cleanup.callback(val_split.close)
+    val = ValidationSet(val_split, cfg.data.seq_len,
+                        validation_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size),
+                        cfg.train.eval_batches, rt.rank, rt.world_size)
+    return loader, val, val_split.tokenizer_path  # the tokenizer: copied into every checkpoint
+
+
+def build_model(cfg: Config, rt):
+    """The model and its optimizer: the same initialisation on every rank, then the engine's wrap."""
+    torch.manual_seed(cfg.train.seed)
+    with rt.init_context():  # ZeRO-3: parameters are partitioned as they are created
+        model = Transformer(cfg.model)
+    if rt.zero_stage != 3:
+        model = model.to(rt.device)
+    seed_everything(cfg.train.seed + rt.rank)  # rank-dependent streams only from here on
+    optimizer = build_optimizer(model, cfg.optim, rt.device.type)
+    return rt.parallelize(model, optimizer, cfg.train)
+
+
+# ---------------------------------------------------------------------------- the step boundary
+
+
+@dataclass
+class Boundary:
+    """What happens after a step, the same on every rank."""
+
+    evaluate: bool = False
+    save: bool = False
+    stop: str = ""  # why the run stops now ("" = it goes on)
+    exit_code: int = 0
+
+
+def decide(rt, cfg: Config, step: int, stop: StopRequest, speed: "Throughput", saver, deadline: float | None) -> Boundary:
+    """Evaluate? save? stop (a signal, the time limit, ``exit_at_step``, the last step)? One small
+    all-reduce makes every rank take the same decision, whatever it alone saw."""
+    now = time.monotonic()
+    time_up = deadline is not None and now + 2 * speed.slowest + saver.seconds + 5 >= deadline
+    periodic = cfg.checkpoint.every_minutes > 0 and now - saver.last_time >= 60 * cfg.checkpoint.every_minutes
+    sigint, signalled, time_up, periodic = rt.any(stop.signum == signal.SIGINT, stop.requested, time_up and rt.is_main,
+                                                  periodic and rt.is_main)
+    last = step == cfg.train.max_steps
+    exit_now = step == cfg.train.exit_at_step
+    reason = ("interrupted (SIGINT)" if sigint else "a stop signal" if signalled
+              else "train.time_limit" if time_up else "train.exit_at_step" if exit_now else "")
+    every = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+    return Boundary(
+        evaluate=bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or last,
+        save=not cfg.train.debug and bool(last or reason or periodic or every),
+        stop=reason,
+        exit_code=130 if sigint else 0,
+    )
+
+
+class Throughput:
+    """Tokens/s and MFU of the training steps alone (evaluation and saving are paused out), and the
+    slowest step (the time-limit margin)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.slowest = 0.0
+
+    def start(self) -> None:
+        self.timer, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+        self.step_start = time.monotonic()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        self.slowest = max(self.slowest, now - self.step_start)
+        self.step_start = now
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+            self.step_start = time.monotonic()  # the next step starts now
+
+    def report(self) -> dict:
+        """Throughput since the last report, and start a new interval."""
+        tokens_per_s = self.steps * self.tokens_per_step / max(time.perf_counter() - self.timer - self.excluded, 1e-9)
+        self.timer, self.steps, self.excluded = time.perf_counter(), 0, 0.0
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak)}
+
+
+class LossLog:
+    """Step losses kept on the device until a logging step (one all-reduce for many steps, no host sync
+    per step), then logged with the spike check."""
+
+    def __init__(self, rt, log: MetricsLogger, spike_factor: float):
+        self.rt, self.log, self.spike_factor = rt, log, spike_factor
+        self.pending: list[tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = []
+        self.recent: deque = deque(maxlen=50)  # recent step losses, for spike detection
+        self.first: float | None = None
+        self.last = float("nan")
+
+    def add(self, step: int, lr: float, loss_sum: torch.Tensor, tokens: torch.Tensor, grad_norm: torch.Tensor,
+            samples: np.ndarray) -> None:
+        self.pending.append((step, lr, loss_sum, tokens, grad_norm, samples))
+
+    def flush(self, speed: Throughput) -> None:
+        sums = self.rt.sum(torch.stack([p[2] for p in self.pending]))  # the logging sync, not every step
+        counts = torch.stack([p[3] for p in self.pending]).to(sums)
+        values = (sums / counts).tolist()
+        for (s, _, _, _, _, ids), value in zip(self.pending, values):
+            check_spike(self.rt, self.log, self.recent, self.spike_factor, s, value, ids)
+        self.first = values[0] if self.first is None else self.first
+        self.last = sum(values) / len(values)
+        s, lr, _, tokens, norm, _ = self.pending[-1]
+        self.log.log({"step": s, "loss": self.last, "lr": lr, "grad_norm": float(norm), **speed.report(),
+                      "tokens": s * speed.tokens_per_step})
+        self.pending.clear()
+
+
+def check_nonfinite(rt, log: MetricsLogger, cfg: Config, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                    skipped_in_a_row: int, run_dir: Path) -> None:
+    """A skipped step is logged; ``train.on_nonfinite: halt`` (or too many skips in a row) stops the run."""
+    loss_value = rt.sum(loss.reshape(1)).item()
+    log.log({"step": step, "skipped": True, "loss": loss_value, "grad_norm": float(grad_norm)})
+    if cfg.train.on_nonfinite == "halt" or skipped_in_a_row > cfg.train.max_skipped_steps:
+        why = ("train.on_nonfinite is 'halt'" if cfg.train.on_nonfinite == "halt"
+               else f"{skipped_in_a_row} consecutive steps were skipped")
+        what = "loss" if not math.isfinite(loss_value) else "gradient (the loss was finite)"
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step}; the optimizer step was skipped and {why}. "
+            f"Last good checkpoint: {checkpoint.latest(run_dir)}. Lower optim.lr or raise optim.warmup_steps"
+        )
+
+
+def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, ids: np.ndarray) -> None:
+    """Log a loss spike (above ``factor`` x the mean of the recent steps, from the second step on) with the
+    global sample indices of its batch (gathered from every rank)."""
+    if factor and recent and math.isfinite(loss):
+        mean = sum(recent) / len(recent)
+        if loss > factor * mean:  # the same decision on every rank: the losses are all-reduced
+            samples = sorted(int(i) for part in rt.gather_object(ids.tolist()) for i in part)
+            log.log({"step": step, "loss_spike": loss, "recent_mean": mean, "samples": samples})
+    recent.append(loss)
+
+
+# ---------------------------------------------------------------------------- resume
 
 
 SHAPE_KEYS = ("model", "data.seq_len")
 
 
 def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """Rank 0: which committed checkpoint to continue from (None = a fresh run); clean up crashed saves."""
+    """Rank 0: which committed checkpoint to continue from (None = a fresh run); clean up crashed saves.
+    A debug run (``run_dir`` = RUN_DIR/debug) always starts over in its own directory."""
+    if cfg.train.debug:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return None
     checkpoint.remove_leftovers(run_dir)
     path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
     if path is None:
@@ -284,7 +401,7 @@ def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> lis
 
 
 def on_main(rt, fn):
-    """Run ``fn`` on rank 0 only and hand its result (or its user error) to every rank."""
+    """Run ``fn`` on rank 0 only and hand its result (or its user error, of the same class) to every rank."""
     result, error = None, None
     if rt.is_main:
         try:
@@ -293,19 +410,12 @@ def on_main(rt, fn):
             error = (type(e).__name__, str(e))
     result, error = rt.broadcast_object((result, error))
     if error is not None:
-        kind = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(error[0], UserError)
-        raise kind(error[1])
+        kind = getattr(errors, error[0], None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, UserError) else UserError)(error[1])
     return result
 
 
-def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, ids: np.ndarray) -> None:
-    """Log a loss spike with the global sample indices of its batch (gathered from every rank)."""
-    if factor and len(recent) >= 10 and math.isfinite(loss):
-        mean = sum(recent) / len(recent)
-        if loss > factor * mean:  # the same decision on every rank: the losses are all-reduced
-            samples = sorted(int(i) for part in rt.gather_object(ids.tolist()) for i in part)
-            log.log({"step": step, "loss_spike": loss, "recent_mean": mean, "samples": samples})
-    recent.append(loss)
+# ---------------------------------------------------------------------------- debug mode
 
 
 DEBUG_STEPS = 40
@@ -313,12 +423,11 @@ DEBUG_STEPS = 40
 
 def debug_config(cfg: Config) -> Config:
     """``train.debug``: the same loop on one small batch, trained on again and again (a model that cannot
-    overfit one batch has a bug), nothing compiled, nothing saved, nothing resumed."""
-    import copy
-
+    overfit one batch has a bug), nothing compiled, nothing saved, nothing resumed; logs go to
+    RUN_DIR/debug, which each debug run starts afresh."""
     cfg = copy.deepcopy(cfg)
     t = cfg.train
-    t.micro_batch_size = t.global_batch_size = min(t.micro_batch_size or 4, 4)
+    t.micro_batch_size = t.global_batch_size = min(t.micro_batch_size or 4, t.global_batch_size, 4)
     t.max_steps, t.compile, t.eval_every = DEBUG_STEPS, False, 0
     t.exit_at_step = None
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, t.max_steps // 4)
@@ -334,9 +443,9 @@ class FirstBatchOnly:
         self.loader, self.batch = loader, None
         self.fingerprint, self.vocab_size = loader.fingerprint, loader.vocab_size
 
-    def __next__(self) -> torch.Tensor:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         if self.batch is None:
-            self.batch = next(self.loader)
+            self.batch = self.loader.next_batch()
             self.last_indices = self.loader.last_indices
         return self.batch
 
@@ -355,6 +464,9 @@ def overfit_check(log, first_loss: float | None, last_loss: float, steps: int) -
             f"{steps} steps (expected below 3/4 of the first); check the data, the model and optim.lr"
         )
     log.print(f"debug overfit check passed: loss {first_loss:.4f} -> {last_loss:.4f} on one batch in {steps} steps")
+
+
+# ---------------------------------------------------------------------------- audit trail
 
 
 class SampleTrace:

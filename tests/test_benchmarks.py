@@ -58,3 +58,16 @@ def test_memory_benchmark_zero_shards_the_training_state():
     assert float(z3.group(1)) <= 0.55, out
     z1 = re.search(r"ratio ZeRO-1 optimizer state per rank / DDP: ([0-9.]+)x", out)
     assert z1 and float(z1.group(1)) <= 0.55, out
+
+
+DISTILL_BENCH = BENCH.with_name("bench_distill_loss.py")
+
+
+def test_distill_loss_benchmark_runs_and_reports_its_ratios():
+    """benchmarks/bench_distill_loss.py at a tiny shape: both losses agree, the ratios are printed."""
+    r = subprocess.run([sys.executable, str(DISTILL_BENCH), "--tokens", "64", "--vocab", "512", "--rounds", "1",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"ratio distllm / straightforward: held for backward ([0-9.]+)x, peak ([0-9.]+)x, time ([0-9.]+)x",
+                  r.stdout)
+    assert m and all(float(x) >= 0 for x in m.groups()), r.stdout

@@ -12,6 +12,7 @@ import torch
 
 from distllm import checkpoint
 from distllm.__main__ import main
+from distllm.chat import CHECKPOINT_TEMPLATE_FILE, DEFAULT_CHAT_TEMPLATE, load_chat_template
 from distllm.config import from_dict
 from distllm.errors import CheckpointError, ConfigError, DataError
 from distllm.export import export
@@ -84,6 +85,22 @@ def test_export_round_trip_through_transformers(tiny_config, tmp_path, tie, n_kv
             "tokenizer_config.json", "special_tokens_map.json"} <= files
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tie
     assert_parity(result.checkpoint, out, Path(tiny_config.data.dir) / "tokenizer.json")
+    assert_chat_template(out, DEFAULT_CHAT_TEMPLATE)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüße, <|endoftext|>?"},
+        {"role": "assistant", "content": "Hallo."}, {"role": "user", "content": "def f():"}]
+
+
+def assert_chat_template(out: Path, source: str) -> None:
+    """The export carries the chat template, and transformers renders with it what distllm renders."""
+    from transformers import AutoTokenizer
+
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == source
+    hf = AutoTokenizer.from_pretrained(out)
+    ours = load_chat_template(source)
+    for n in (2, 3, 4):
+        assert hf.apply_chat_template(CHAT[:n], tokenize=False, add_generation_prompt=True) == ours.render(CHAT[:n], True)
 
 
 def test_export_of_a_checkpoint_dir_in_shards_and_bf16(tiny_config, tmp_path):
@@ -101,6 +118,16 @@ def test_export_of_a_checkpoint_dir_in_shards_and_bf16(tiny_config, tmp_path):
     with safe_open(str(half / "model.safetensors"), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    # the chat template: the checkpoint's own, else the default; --chat-template overrides it
+    custom = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}" \
+             "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    (result.checkpoint / CHECKPOINT_TEMPLATE_FILE).write_text(custom)
+    assert_chat_template(export(result.checkpoint, tmp_path / "own-template", max_shard_gb=1), custom)
+    (tmp_path / "t.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+    assert main(["export", str(result.checkpoint), "--out", str(tmp_path / "cli"), "--chat-template",
+                 str(tmp_path / "t.jinja")]) == 0
+    assert_chat_template(tmp_path / "cli", DEFAULT_CHAT_TEMPLATE)
 
 
 def test_export_refuses_bad_targets_with_one_clear_error(tiny_config, tmp_path, capsys):

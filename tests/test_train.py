@@ -146,7 +146,7 @@ def test_divergence_stops_before_a_bad_step(tiny_config):
     cfg.train.eval_every = 0
     cfg.optim.warmup_steps = 0
     cfg.optim.lr = 1e30  # weights blow up after the first step, the next gradients are not finite
-    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
         train(cfg)
     assert checkpoint.latest(cfg.run.dir) is None  # nothing poisoned was saved
 
@@ -158,8 +158,13 @@ def test_debug_mode_overfits_one_batch_and_saves_nothing(tiny_config, capsys):
     assert result.step == 40  # debug mode's fixed length, on one repeated batch
     assert "debug overfit check passed" in capsys.readouterr().out
     assert checkpoint.latest(cfg.run.dir) is None  # a later real run must not resume from a debug run
-    samples = [json.loads(line) for line in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
+    assert not (Path(cfg.run.dir) / "metrics.jsonl").exists()  # its logs are its own: RUN_DIR/debug
+    samples = [json.loads(line) for line in (Path(cfg.run.dir) / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss" in r or "val_loss" in r for r in samples)
+    # the loop users repeat most: a second debug run in the same run.dir starts over, and so does a real run
+    assert train(cfg).step == 40
+    cfg.train.debug, cfg.train.max_steps = False, 4
+    assert train(cfg).checkpoint.name == "step_000004"
 
 
 def test_time_limit_saves_and_exits_cleanly(tiny_config):
@@ -208,7 +213,7 @@ def test_loss_spikes_are_logged_with_their_samples(tiny_config):
     train(cfg)
     run_dir = Path(cfg.run.dir)
     spikes = [r for r in _records(run_dir) if "loss_spike" in r]
-    assert [r["step"] for r in spikes] == list(range(11, 15))  # after 10 steps of history
+    assert [r["step"] for r in spikes] == list(range(2, 15))  # from the second step: the first steps are watched too
     trace = {r["step"]: r["samples"] for r in map(json.loads, (run_dir / "samples" / "rank00000.jsonl").open())}
     assert all(r["samples"] == sorted(trace[r["step"]]) for r in spikes)
 
@@ -229,3 +234,24 @@ def test_resume_with_another_model_shape_names_the_keys(tiny_config):
     cfg.model.n_layers, cfg.data.seq_len = 3, 16
     with pytest.raises(ConfigError, match=r"model.n_layers 2 -> 3.*data.seq_len 32 -> 16"):
         train(cfg)
+
+
+def test_debug_mode_with_document_masking(tiny_config):
+    """The debug loop hands the document ids of its one batch to the model (it used to crash)."""
+    cfg = tiny_config
+    cfg.train.debug, cfg.data.document_mask = True, True
+    assert train(cfg).step == 40
+
+
+def test_a_user_error_on_rank_0_reaches_every_rank_as_the_same_kind():
+    from types import SimpleNamespace
+
+    from distllm.errors import DataError
+    from distllm.train import on_main
+
+    other_rank = SimpleNamespace(is_main=False, broadcast_object=lambda _: (None, ("DataError", "shard x is corrupt")))
+    with pytest.raises(DataError, match="shard x is corrupt"):
+        on_main(other_rank, lambda: None)
+    other_rank.broadcast_object = lambda _: (None, ("NoSuchError", "odd"))
+    with pytest.raises(UserError, match="odd"):
+        on_main(other_rank, lambda: None)

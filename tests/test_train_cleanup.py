@@ -1,0 +1,66 @@
+"""``train()`` cleans up on every exit path: return, a user error, a crash and Ctrl-C (KeyboardInterrupt)
+all leave the signal handlers as they were and no file of the run open, so a later Ctrl-C in the same
+Python process (a notebook, pytest) still interrupts it."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from distllm import train as train_module
+from distllm.errors import UserError
+from distllm.preemption import SIGNALS
+from distllm.train import train
+
+
+def open_files_under(directory: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            out.append(target)
+    return out
+
+
+def fail_at_step_3(exc):
+    real = train_module.lr_at
+
+    def lr_at(step, *args):
+        if step == 3:
+            raise exc
+        return real(step, *args)
+
+    return lr_at
+
+
+@pytest.mark.parametrize("exit_path", ["return", "user error", "crash", "ctrl-c"])
+def test_every_exit_restores_signal_handlers_and_closes_files(tiny_config, monkeypatch, exit_path):
+    cfg = tiny_config
+    cfg.train.max_steps, cfg.train.eval_every = 5, 0
+    cfg.logging.tensorboard, cfg.logging.trace_samples, cfg.logging.log_every = True, True, 1
+    mine = lambda *a: None  # noqa: E731 - a handler of the caller's own
+    before = {sig: signal.signal(sig, mine) for sig in SIGNALS}
+    expected = {"return": None, "user error": UserError, "crash": RuntimeError, "ctrl-c": KeyboardInterrupt}[exit_path]
+    if exit_path == "user error":
+        cfg.optim.lr, cfg.optim.warmup_steps = 1e30, 0  # diverges: a NonFiniteLossError
+    elif exit_path in ("crash", "ctrl-c"):
+        monkeypatch.setattr(train_module, "lr_at", fail_at_step_3(expected("boom") if exit_path == "crash"
+                                                                  else KeyboardInterrupt()))
+    try:
+        if expected is None:
+            assert train(cfg).step == 5
+        else:
+            with pytest.raises(expected):
+                train(cfg)
+        assert {sig: signal.getsignal(sig) for sig in SIGNALS} == dict.fromkeys(SIGNALS, mine)
+        run_dir = Path(cfg.run.dir)
+        assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "tensorboard").iterdir())
+        assert open_files_under(run_dir) == []  # metrics.jsonl, TensorBoard events, the sample trace: closed
+        assert open_files_under(Path(cfg.data.dir)) == []  # the shards too
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
