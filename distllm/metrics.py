@@ -108,6 +108,8 @@ class MetricsLogger:
         the same step) at that step, not at all before it. trackers.json is written first: a crash between
         the two loses a value in the tracker rather than sending it twice."""
         step, values = record["step"], tracking.tracker_values(record)
+        if not values:  # nothing numeric (an event such as a resume)
+            return
         sends, changed = [], False
         for tracker in self.trackers:
             entry = self.runs.get(tracker.name) if not tracker.rewrites_on_resume else None

@@ -1,5 +1,7 @@
 """Credential redaction (distllm.redact): what is redacted, what is not, and the config file written with it."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -13,6 +15,19 @@ def test_no_default_config_value_is_redacted():
     config without any (a resume compares saved configs)."""
     plain = Config().to_dict()
     assert redact(plain) == plain
+
+
+def test_no_config_key_looks_like_a_credential():
+    """A config key named like a credential (``pad_token``, ``api_key``) would be redacted from the saved
+    config, so that eval/generate and resumes would not see it: rename it, or decide it is one."""
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield prefix + f.name
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, prefix + f.name + ".")
+
+    assert [k for k in keys(Config()) if is_secret_key(k.rpartition(".")[2])] == []
 
 
 @pytest.mark.parametrize("name", ["key", "secret", "token", "password", "passwd", "aws_secret_access_key",
