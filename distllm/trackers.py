@@ -155,7 +155,9 @@ class WandbTracker(Tracker):
     def __init__(self, run: TrackerRun):
         import wandb
 
-        settings = wandb.Settings(console="off", x_disable_meta=run.hide_command_line)
+        # no console capture (the console may print anything); no system metadata, which records the command
+        # line, when that holds a credential (an experimental setting: if W&B drops it, this run cannot start)
+        settings = wandb.Settings(console="off", **({"x_disable_meta": True} if run.hide_command_line else {}))
         self.run = wandb.init(project=run.project, name=run.name, id=run.run_id,
                               resume="allow" if run.run_id else None, dir=str(run.run_dir),
                               reinit="create_new", settings=settings)
