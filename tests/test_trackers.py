@@ -297,3 +297,12 @@ def test_a_required_tracker_that_cannot_start_stops_the_run_before_training(tiny
     assert PLANTED[3] not in str(e.value)
     assert checkpoint.latest(cfg.run.dir) is None
     assert not [r for r in read_metrics(Path(cfg.run.dir) / "metrics.jsonl") if "lr" in r]  # no step was taken
+
+
+def test_printed_lines_never_show_a_credential(tmp_path, capsys):
+    config = {"data": {"storage_options": {"secret": PLANTED[1]}}}
+    log = _logger(tmp_path / "run", LoggingConfig(trackers=[]), config)
+    log.print(f"could not reach the store with secret {PLANTED[1]} at http://someone:{PLANTED[3]}@127.0.0.1:9")
+    log.close()
+    assert capsys.readouterr().out == "could not reach the store with secret <redacted> at " \
+                                      "http://someone:<redacted>@127.0.0.1:9\n"
