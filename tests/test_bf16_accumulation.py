@@ -13,7 +13,9 @@ from distllm.config import save_config
 from distributed_runs import check, launch
 
 STEPS = 20
-TOL = 0.02  # relative, per step; measured: see MEASURED below
+TOL = 1e-3  # relative, per step. Measured (2026-12, CPU): ZeRO-1 2.1e-4, ZeRO-2 1.3e-4 with fp32 accumulation;
+# 1.5e-4 and 1.4e-4 with DeepSpeed's bf16 default: at this size the accumulation dtype is not what separates the
+# engines, so the engine's own report of its accumulation dtype (the run's first line) is checked too
 ENGINES = {"ddp": [], "zero1": ["--distributed.zero_stage=1"], "zero2": ["--distributed.zero_stage=2"]}
 
 
