@@ -612,7 +612,8 @@ def check_run_dir(run_dir: str) -> None:
     for p in (Path(run_dir), *Path(run_dir).parents):
         if p.exists():
             if not p.is_dir():
-                what = "is a file" if p == Path(run_dir) else f"cannot be created: {p} is a file"
+                kind = "a file" if p.is_file() else "not a directory"
+                what = f"is {kind}" if p == Path(run_dir) else f"cannot be created: {p} is {kind}"
                 raise ConfigError(f"run.dir {run_dir} {what}; choose another --run.dir")
             return
 

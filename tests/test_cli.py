@@ -128,7 +128,11 @@ def test_unwritable_paths_are_one_line_errors(tmp_path, tiny_corpus, tiny_config
     cfg = write_config(tmp_path, {"data": {"source": str(tiny_corpus), "dir": "/dev/null/data"}})
     assert_user_error(run_cli("prepare", cfg), "Not a directory", "/dev/null/data")
     cfg = write_config(tmp_path, {**tiny_config.to_dict(), "run": {"dir": "/dev/null/run"}})
-    assert_user_error(run_cli("train", cfg, "--train.max_steps=3"), "Not a directory", "/dev/null/run")
+    assert_user_error(run_cli("train", cfg, "--train.max_steps=3"),
+                      "run.dir /dev/null/run cannot be created: /dev/null is not a directory")
+    (tmp_path / "a-file").write_text("")  # was "[Errno 17] File exists"
+    r = run_cli("train", cfg, "--train.max_steps=3", f"--run.dir={tmp_path / 'a-file'}")
+    assert_user_error(r, f"run.dir {tmp_path / 'a-file'} is a file; choose another --run.dir")
 
 
 def test_prepare_on_a_full_disk(tmp_path, tiny_corpus, mount_tmpfs):
