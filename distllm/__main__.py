@@ -154,7 +154,8 @@ def _run(args, extra: list[str], parser) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         from distllm.plot import plot_run
 
-        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        path, resumes = plot_run(args.run_dir, args.out)
+        print(f"wrote {path}" + (f" (resumed at step {', '.join(map(str, resumes))})" if resumes else ""))
         return 0
     if args.command == "export":
         if extra:
