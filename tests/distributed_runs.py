@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def env(**extra) -> dict:
     e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+             TORCH_CPP_LOG_LEVEL="ERROR")  # Python warnings show, as a user sees them
     e.pop("DISTLLM_FAULT", None)
     e.update({k: str(v) for k, v in extra.items()})
     return e

@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
 
-from distllm.__main__ import main
+from distllm.__main__ import main, quiet_library_warnings
 
 COMMANDS = ["prepare", "train", "eval", "generate", "plot"]
 
@@ -153,3 +154,27 @@ def test_eval_with_mismatched_tokenizer(tiny_config, tmp_path, tiny_corpus):
                  "--tokenizer.vocab_size=300", "--model.vocab_size=320"]) == 0
     r = run_cli("eval", path, f"--data.dir={other}")
     assert_user_error(r, "different tokenizer")
+
+
+def test_known_library_warnings_are_silenced_and_others_still_show():
+    """By category, module and message: the deprecated-collective FutureWarnings DeepSpeed's ZeRO triggers in
+    torch go; another warning from the same place, and ours, still show."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        for text, category, module in [
+            ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning,
+             "torch.distributed.c10d_logger"),
+            ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning,
+             "torch.distributed.c10d_logger"),
+            ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", UserWarning,
+             "torch.distributed.c10d_logger"),  # another category
+            ("something else is deprecated", FutureWarning, "torch.distributed.c10d_logger"),
+            ("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning, "distllm.train"),  # ours
+        ]:
+            warnings.warn_explicit(text, category, module.replace(".", "/") + ".py", 1, module=module)
+    assert [(str(w.message), w.category) for w in seen] == [
+        ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", UserWarning),
+        ("something else is deprecated", FutureWarning),
+        ("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning),
+    ]
