@@ -117,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     report = os.environ.get("RANK", "0") == "0"
     try:
         return _run(args, extra, parser)
-    except (UserError, OSError) as e:  # OSError: unwritable or missing path, full disk (the message names it)
+    except Exception as e:
+        if (reason := lost_contact(e)) is not None:  # every rank that saw it reports it: rank 0 may be the lost one
+            print(f"distllm {args.command}: error: rank {os.environ.get('RANK', '0')} lost contact with another "
+                  f"process of this job ({reason}): did it crash or get killed? Its own log says why; run the "
+                  "same command again to resume from the newest committed checkpoint", file=sys.stderr)
+            return 1
+        if not isinstance(e, (UserError, OSError)):  # OSError: unwritable or missing path, full disk
+            raise
         if report:
             print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -127,6 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _shutdown_process_group()
+
+
+# How torch.distributed's backends (gloo, NCCL) and its TCP store word a peer that is gone.
+LOST_CONTACT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                "remote process exited", "Socket closed")
+
+
+def lost_contact(e: BaseException) -> str | None:
+    """The reason, if ``e`` is torch.distributed's error for a process of the job that went away; else None."""
+    if "torch" not in sys.modules or not isinstance(e, (RuntimeError, OSError)):
+        return None
+    import torch.distributed as dist
+
+    text = str(e)
+    from_torch = isinstance(e, getattr(dist, "DistError", ())) or any(w in text for w in ("gloo", "NCCL", "c10d"))
+    reason = next((r for r in LOST_CONTACT if r.lower() in text.lower()), None)
+    return reason if from_torch and reason else None
 
 
 def _shutdown_process_group() -> None:

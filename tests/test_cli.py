@@ -9,7 +9,7 @@ import warnings
 import pytest
 import yaml
 
-from distllm.__main__ import main, quiet_library_warnings
+from distllm.__main__ import lost_contact, main, quiet_library_warnings
 
 COMMANDS = ["prepare", "train", "eval", "generate", "plot"]
 
@@ -178,3 +178,15 @@ def test_known_library_warnings_are_silenced_and_others_still_show():
         ("something else is deprecated", FutureWarning),
         ("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning),
     ]
+
+
+def test_lost_contact_is_recognised_from_torch_distributed_errors():
+    import torch.distributed as dist
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection {}"
+    assert lost_contact(RuntimeError(gloo.format("closed by peer"))) == "Connection closed by peer"
+    assert lost_contact(RuntimeError(gloo.format("reset by peer"))) == "Connection reset by peer"
+    assert lost_contact(dist.DistNetworkError("Broken pipe")) == "Broken pipe"
+    assert lost_contact(RuntimeError(gloo.format("timed out"))) is None  # not a lost peer
+    assert lost_contact(ConnectionResetError("Connection reset by peer")) is None  # not from torch.distributed
+    assert lost_contact(ValueError(gloo.format("closed by peer"))) is None
