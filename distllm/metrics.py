@@ -77,6 +77,8 @@ class MetricsLogger:
 def format_record(r: dict) -> str:
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    if r.get("event") == "resume":  # written by a resumed run; `distllm plot` marks it
+        return f"step {r['step']:>6} | resumed from {r.get('checkpoint')}"
     if r.get("skipped"):
         bad = [name for name, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(r[key])]
         return (f"step {r['step']:>6} | SKIPPED: non-finite {' and '.join(bad) or 'loss or gradient'} "

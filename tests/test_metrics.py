@@ -15,3 +15,8 @@ from distllm.metrics import format_record
 def test_a_skipped_step_says_what_was_not_finite(loss, grad_norm, says):
     line = format_record({"step": 7, "skipped": True, "loss": loss, "grad_norm": grad_norm})
     assert line == f"step      7 | {says}"
+
+
+def test_a_resume_record_has_a_line():
+    record = {"step": 10, "event": "resume", "checkpoint": "runs/x/checkpoints/step_000010"}
+    assert format_record(record) == "step     10 | resumed from runs/x/checkpoints/step_000010"
