@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from distllm.progress import Progress
 
 
 class MetricsLogger:
@@ -38,8 +38,8 @@ class MetricsLogger:
 
             purge = resume_step + 1 if resume_step is not None else None
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
-        if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if progress:  # a bar on a terminal, a plain line every 30 s in a log file
+            self.bar = Progress(total_steps, "train", "step", initial=start_step)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -79,8 +79,12 @@ def format_record(r: dict) -> str:
         return f"step {r['step']:>6} | {r['event']}" + (f" from {r['checkpoint']}" if r.get("checkpoint") else "")
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    if r.get("event") == "resume":  # written by a resumed run; `distllm plot` marks it
+        return f"step {r['step']:>6} | resumed from {r.get('checkpoint')}"
     if r.get("skipped"):
-        return f"step {r['step']:>6} | SKIPPED: non-finite loss {r['loss']:.4g} / grad_norm {r['grad_norm']:.4g}"
+        bad = [name for name, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(r[key])]
+        return (f"step {r['step']:>6} | SKIPPED: non-finite {' and '.join(bad) or 'loss or gradient'} "
+                f"(loss {r['loss']:.4g}, grad_norm {r['grad_norm']:.4g})")
     if "loss_spike" in r:
         return (f"step {r['step']:>6} | loss spike {r['loss_spike']:.4f} ({r['loss_spike'] / r['recent_mean']:.1f}x "
                 f"the recent mean) in samples {r['samples'][:8]}{' ...' if len(r['samples']) > 8 else ''}")
