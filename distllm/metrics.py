@@ -75,12 +75,12 @@ class MetricsLogger:
 
 
 def format_record(r: dict) -> str:
-    if "event" in r:
-        return f"step {r['step']:>6} | {r['event']}" + (f" from {r['checkpoint']}" if r.get("checkpoint") else "")
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
     if r.get("event") == "resume":  # written by a resumed run; `distllm plot` marks it
         return f"step {r['step']:>6} | resumed from {r.get('checkpoint')}"
+    if "event" in r:
+        return f"step {r['step']:>6} | {r['event']}"
     if r.get("skipped"):
         bad = [name for name, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(r[key])]
         return (f"step {r['step']:>6} | SKIPPED: non-finite {' and '.join(bad) or 'loss or gradient'} "
