@@ -194,14 +194,6 @@ class TensorReader:
         return self._where[key].get_tensor(key)
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All model weights of a committed checkpoint, by parameter name (full fp32 tensors)."""
-    path = Path(path)
-    manifest = read_marker(path)
-    reader = TensorReader(path, "model", list(manifest["files"]))
-    return {k: reader.get(k) for k in sorted(reader.keys())}
-
-
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into a single-device model (eval, generate), strictly."""
     manifest = read_marker(path)

@@ -297,10 +297,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigError(yaml_error(p, e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must contain a mapping of sections, got {type(raw).__name__}")
     return from_dict(apply_overrides(raw, overrides))
+
+
+def yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line: ``FILE:LINE:COLUMN: not valid YAML: the problem (and where its construct began)``."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return f"config file {path} is not valid YAML: {' '.join(str(e).split())}"
+    text = f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} that starts at {start.line + 1}:{start.column + 1})"
+    return text
 
 
 def apply_overrides(raw: dict, overrides: list[str] = ()) -> dict:
@@ -330,22 +344,38 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 
 def from_dict(raw: dict) -> Config:
+    """A Config from nested dicts. Every unknown key and wrong type is reported at once, in one ConfigError,
+    together with the value problems ``validate`` finds in the rest (the bad keys keep their defaults and
+    are left out of those)."""
     cfg = Config()
+    problems: list[str] = []
+    bad: list[str] = []  # keys (or "section.") whose values were not taken
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for section, values in raw.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}")
+            problems.append(f"unknown config section '{section}'{_suggest(section, sections)}")
+            continue
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"config section '{section}' must be a mapping of keys, got {values!r}")
+            problems.append(f"config section '{section}' must be a mapping of keys, got {values!r}")
+            bad.append(f"{section}.")
+            continue
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         names = {f.name for f in dataclasses.fields(sub)}
         for key, value in values.items():
             if key not in names:
-                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(key, names, section + '.')}")
-            setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+                problems.append(f"unknown config key '{section}.{key}'{_suggest(key, names, section + '.')}")
+                continue
+            try:
+                setattr(sub, key, _coerce(f"{section}.{key}", value, hints[key]))
+            except ConfigError as e:
+                problems.append(str(e))
+                bad.append(f"{section}.{key}")
+    if problems:
+        problems += [p for p in find_problems(cfg) if not any(k in p for k in bad)]
+        raise_problems(problems)
     return cfg
 
 
@@ -420,7 +450,21 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check values and their combinations; raise ConfigError naming the key to fix."""
+    """Check values and their combinations; one ConfigError naming every key to fix."""
+    raise_problems(find_problems(cfg, world_size))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ConfigError for all problems: the problem itself, or a count and one line per problem."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
+    """Every problem of the values and their combinations, each naming the key to fix."""
+    problems: list[str] = []
     positive = {
         "data.seq_len": cfg.data.seq_len,
         **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
@@ -472,63 +516,70 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     }
     for name, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
+            problems.append(f"{name} must be positive, got {value}")
     for name, value in optional_positive.items():
         if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive (or null), got {value}")
+            problems.append(f"{name} must be positive (or null), got {value}")
     if cfg.data.mix is not None and not cfg.data.mix:
-        raise ConfigError("data.mix must name at least one data directory with a weight (or be null)")
+        problems.append("data.mix must name at least one data directory with a weight (or be null)")
     for name, value in non_negative.items():
         if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
+            problems.append(f"{name} must be >= 0, got {value}")
     for name, value in {
         "data.val_fraction": cfg.data.val_fraction,
         "optim.decay_fraction": cfg.optim.decay_fraction,
     }.items():
         if not 0.0 < value < 1.0:
-            raise ConfigError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+            problems.append(f"{name} must be between 0 and 1 (exclusive), got {value}")
     for name, value in {
         "optim.min_lr_ratio": cfg.optim.min_lr_ratio,
         "optim.beta1": cfg.optim.beta1,
         "optim.beta2": cfg.optim.beta2,
     }.items():
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+            problems.append(f"{name} must be between 0 and 1, got {value}")
 
     m = cfg.model
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-    if m.head_dim % 2:
-        raise ConfigError(f"model.d_model / model.n_heads = {m.head_dim} must be even for rotary embeddings")
-    if m.n_heads % m.kv_heads:
-        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    if m.d_model <= 0 or m.n_heads <= 0 or m.kv_heads <= 0:
+        pass  # reported above; the shape checks below would divide by them
+    elif m.d_model % m.n_heads:
+        problems.append(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    elif m.head_dim % 2:
+        problems.append(f"model.d_model / model.n_heads = {m.head_dim} must be even for rotary embeddings")
+    if m.n_heads > 0 and m.kv_heads > 0 and m.n_heads % m.kv_heads:
+        problems.append(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     if cfg.data.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+        problems.append(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     if cfg.tokenizer.path is None and m.vocab_size < cfg.tokenizer.vocab_size:
-        raise ConfigError(
+        problems.append(
             f"model.vocab_size ({m.vocab_size}) is smaller than tokenizer.vocab_size ({cfg.tokenizer.vocab_size})"
         )
 
     d = cfg.distributed
     if d.zero_stage is not None and d.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3 (or null), got {d.zero_stage}")
+        problems.append(f"distributed.zero_stage must be 0, 1, 2 or 3 (or null), got {d.zero_stage}")
     if d.offload_params != "none" and d.zero_stage not in (None, 3):
-        raise ConfigError(f"distributed.offload_params needs ZeRO stage 3, but distributed.zero_stage is {d.zero_stage}")
+        problems.append(f"distributed.offload_params needs ZeRO stage 3, but distributed.zero_stage is {d.zero_stage}")
+    checks = [lambda: check_resume_spec(cfg.checkpoint.resume_from), lambda: check_run_dir(cfg.run.dir)]
     if cfg.train.time_limit is not None:
-        parse_duration(cfg.train.time_limit, "train.time_limit")
-    check_resume_spec(cfg.checkpoint.resume_from)
+        checks.append(lambda: parse_duration(cfg.train.time_limit, "train.time_limit"))
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            problems.append(str(e))
     if not cfg.logging.project.strip():
-        raise ConfigError("logging.project must not be empty")
+        problems.append("logging.project must not be empty")
     if cfg.logging.run_name is not None and not cfg.logging.run_name.strip():
-        raise ConfigError("logging.run_name must not be empty (null = the name of run.dir)")
+        problems.append("logging.run_name must not be empty (null = the name of run.dir)")
 
     t = cfg.train
-    for problem in plan_problems(t.global_batch_size, t.micro_batch_size, world_size):
-        raise ConfigError(problem)
+    problems.extend(plan_problems(t.global_batch_size, t.micro_batch_size, world_size))
     if cfg.optim.warmup_steps >= t.max_steps:
-        raise ConfigError(
+        problems.append(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be smaller than train.max_steps ({t.max_steps})"
         )
+    return problems
 
 
 def parse_duration(text: str, name: str = "duration") -> float:
@@ -557,6 +608,17 @@ def check_resume_spec(spec: str | None) -> None:
         raise ConfigError(
             f"checkpoint.resume_from {spec!r} contains '..'; give the checkpoint's absolute path instead"
         )
+
+
+def check_run_dir(run_dir: str) -> None:
+    """``run.dir`` is a directory or can be made one: neither it nor a parent is a file."""
+    for p in (Path(run_dir), *Path(run_dir).parents):
+        if p.exists():
+            if not p.is_dir():
+                kind = "a file" if p.is_file() else "not a directory"
+                what = f"is {kind}" if p == Path(run_dir) else f"cannot be created: {p} is {kind}"
+                raise ConfigError(f"run.dir {run_dir} {what}; choose another --run.dir")
+            return
 
 
 def check_vocab(model_vocab_size: int, data_vocab_size: int, data_dir) -> None:

@@ -112,6 +112,15 @@ def share_fp32_partitions(engine) -> None:
         fp32[i] = params
 
 
+def grad_accum_dtype(engine) -> torch.dtype:
+    """The dtype the engine accumulates gradients in over micro-batches."""
+    optimizer = engine.optimizer
+    for name in ("gradient_accumulation_dtype", "grad_acc_dtype"):  # ZeRO optimizers; BF16_Optimizer (ZeRO-1 + bf16)
+        if getattr(optimizer, name, None) is not None:
+            return getattr(optimizer, name)
+    return engine.get_data_types()[1]
+
+
 # ---------------------------------------------------------------------------- parameters
 
 

@@ -112,6 +112,15 @@ class Runtime:
                 block.compile()
         return model, optimizer
 
+    def describe(self, model) -> str:
+        """The engine and its precision for the run's first log line, e.g. 'DeepSpeed ZeRO-2 (bf16, gradients
+        accumulated in fp32)'."""
+        text = f"{self.engine_name} ({self.precision}"
+        if self.deepspeed:
+            accum = str(deepspeed_fence.grad_accum_dtype(model)).removeprefix("torch.").replace("float", "fp")
+            text += f", gradients accumulated in {accum}"
+        return text + ")"
+
     # ------------------------------------------------------------------ the step
 
     def accumulate(self, model):
@@ -406,6 +415,9 @@ def build_deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, stage: 
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
+        # gradients accumulate over micro-batches in fp32, as under DDP with autocast (DeepSpeed's default is
+        # the model dtype: bf16); 0.19 honours it in every stage (ZeRO-1 through its BF16_Optimizer)
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # distllm's AdamW (torch's fused kernel)
         "zero_force_ds_cpu_optimizer": False,

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from distllm import trackers as tracking
+from distllm.progress import Progress
 from distllm.redact import command_line_has_secrets, redact, redact_text, secret_values
 
 if TYPE_CHECKING:
@@ -55,8 +54,8 @@ class MetricsLogger:
         if resume_step is not None and path.exists():
             truncate_after(path, resume_step)
         self.jsonl = open(path, "a" if resume_step is not None else "w")
-        if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if progress:  # a bar on a terminal, a plain line every 30 s in a log file
+            self.bar = Progress(total_steps, "train", "step", initial=start_step)
         if logging is not None:
             self._start_trackers(logging, config or {}, resume_step, resumed_from)
 
@@ -177,19 +176,23 @@ class MetricsLogger:
 
 
 def format_record(r: dict) -> str:
-    if "event" in r:
-        return f"step {r['step']:>6} | {r['event']}" + (f" from {r['checkpoint']}" if r.get("checkpoint") else "")
     if "val_loss" in r:
         return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    if r.get("event") == "resume":  # written by a resumed run; `distllm plot` marks it
+        return f"step {r['step']:>6} | resumed from {r.get('checkpoint')}"
+    if "event" in r:
+        return f"step {r['step']:>6} | {r['event']}"
     if r.get("skipped"):
-        return f"step {r['step']:>6} | SKIPPED: non-finite loss {r['loss']:.4g} / grad_norm {r['grad_norm']:.4g}"
+        bad = [name for name, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(r[key])]
+        return (f"step {r['step']:>6} | SKIPPED: non-finite {' and '.join(bad) or 'loss or gradient'} "
+                f"(loss {r['loss']:.4g}, grad_norm {r['grad_norm']:.4g})")
     if "loss_spike" in r:
         return (f"step {r['step']:>6} | loss spike {r['loss_spike']:.4f} ({r['loss_spike'] / r['recent_mean']:.1f}x "
                 f"the recent mean) in samples {r['samples'][:8]}{' ...' if len(r['samples']) > 8 else ''}")
     if {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= r.keys():
         return (
             f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
-            f" | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}%"
+            f" | {r['tokens_per_s']:,.0f} tok/s | " + ("mfu n/a" if r["mfu"] is None else f"mfu {100 * r['mfu']:.2f}%")
         )
     # any other record (evaluation metrics, ...): its numeric values by name
     return f"step {r['step']:>6} | " + " | ".join(f"{k} {v:.4g}" for k, v in tracking.tracker_values(r).items())

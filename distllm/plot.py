@@ -1,4 +1,8 @@
-"""``distllm plot RUN_DIR``: loss, validation, learning rate and throughput curves as one PNG."""
+"""``distllm plot RUN_DIR``: loss, validation, learning rate and throughput curves as one PNG.
+
+A run that was resumed has a ``{"step": N, "event": "resume", "checkpoint": ...}`` record in its
+``metrics.jsonl`` for each resume; every panel marks those steps with a dashed vertical line.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ from pathlib import Path
 from distllm.errors import DataError
 from distllm.metrics import read_metrics
 
+RESUME = "resume"  # gid of the resume markers (tests find them by it)
 
-def plot_run(run_dir: str, out: str | None = None) -> Path:
+
+def plot_run(run_dir: str, out: str | None = None) -> tuple[Path, list[int]]:
+    """Write the curves of ``run_dir`` to ``out`` (default RUN_DIR/curves.png); return it and the resume steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,10 +25,27 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     if not path.is_file():
         raise DataError(f"no metrics.jsonl in {run_dir}; is it a run directory of `distllm train`?")
     records = read_metrics(path)
+    fig = draw(records, f"distllm run {Path(run_dir).resolve().name}")
+    if fig is None:
+        raise DataError(f"{path} has no training or validation records yet")
+    out_path = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path, resume_steps(records)
+
+
+def resume_steps(records: list[dict]) -> list[int]:
+    return [r["step"] for r in records if r.get("event") == "resume"]
+
+
+def draw(records: list[dict], title: str):
+    """The figure of a run's records (None if it has no training or validation record)."""
+    import matplotlib.pyplot as plt
+
     train = [r for r in records if "loss" in r and "lr" in r]  # not skipped-step records
     val = [r for r in records if "val_loss" in r]
     if not train and not val:
-        raise DataError(f"{path} has no training or validation records yet")
+        return None
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     ax = axes[0, 0]
@@ -30,20 +54,16 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
 
     ax = axes[0, 1]
     if val:
         ax.plot([r["step"] for r in val], [r["val_ppl"] for r in val], "o-", color="C1")
         ax.set_yscale("log")
-    ax.set(title="validation perplexity", xlabel="step")
-    ax.grid(alpha=0.3)
+    ax.set(title="validation perplexity", xlabel="step", ylabel="perplexity")
 
     ax = axes[1, 0]
     ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="C2")
-    ax.set(title="learning rate", xlabel="step")
-    ax.grid(alpha=0.3)
+    ax.set(title="learning rate", xlabel="step", ylabel="learning rate")
 
     ax = axes[1, 1]
     ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="C3")
@@ -51,10 +71,11 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     mfu = ax.twinx()
     mfu.plot([r["step"] for r in train], [100 * r["mfu"] for r in train], color="C4", alpha=0.5)
     mfu.set_ylabel("MFU (%)")
-    ax.grid(alpha=0.3)
 
-    fig.suptitle(f"distllm run {Path(run_dir).resolve().name}")
-    out_path = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    for ax in axes.flat:
+        for i, step in enumerate(resume_steps(records)):
+            ax.axvline(step, color="0.5", linestyle="--", linewidth=1, gid=RESUME, label="resumed" if i == 0 else None)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    return fig

@@ -107,7 +107,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     losses = LossLog(rt, log, cfg.train.spike_factor)
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
-        f"{rt.engine_name} ({rt.precision}) | {rt.plan.describe()} | seq {T} | "
+        f"{rt.describe(model)} | {rt.plan.describe()} | seq {T} | "
         + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
     )
     if resume_path is not None:

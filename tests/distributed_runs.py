@@ -22,6 +22,7 @@ from distllm.config import from_dict, save_config
 
 STEPS = 20
 HALF = 10
+GRAD_CLIP = 0.5  # below the gradient norm of several steps: every engine's clipping is exercised
 # engine name -> (processes, config overrides)
 ENGINES = {
     "one": (1, []),
@@ -43,7 +44,7 @@ def base_config(run_root: Path, data_dir: Path) -> Path:
         "model": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_model": 64, "vocab_size": 512, "max_seq_len": 64},
         "train": {"micro_batch_size": 4, "global_batch_size": 32, "max_steps": STEPS, "eval_every": HALF,
                   "eval_batches": 3, "device": "cpu"},
-        "optim": {"warmup_steps": 3, "lr": 3e-3},
+        "optim": {"warmup_steps": 3, "lr": 3e-3, "grad_clip": GRAD_CLIP},
         "checkpoint": {"keep_last": 10, "every_minutes": 0},
         "logging": {"log_every": 1, "tensorboard": False, "progress": False, "trace_samples": True,
                     "peak_flops": 1e11},
@@ -61,7 +62,7 @@ def free_port() -> int:
 
 def env(**extra) -> dict:
     e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+             TORCH_CPP_LOG_LEVEL="ERROR")  # Python warnings show, as a user sees them
     e.pop("DISTLLM_FAULT", None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
@@ -121,12 +122,24 @@ class Run:
         return checkpoint.latest(self.dir) if step is None else checkpoint.step_path(self.dir, step)
 
     def weights(self, step: int | None = None) -> dict:
-        return checkpoint.read_weights(self.checkpoint(step))
+        return tensors(self.checkpoint(step), "model")
 
     def moments(self, step: int | None = None) -> dict:
-        path = self.checkpoint(step)
-        reader = checkpoint.TensorReader(path, "optimizer", list(checkpoint.read_marker(path)["files"]))
-        return {k: reader.get(k) for k in reader.keys()}
+        return tensors(self.checkpoint(step), "optimizer")
+
+
+def tensors(path: Path, prefix: str) -> dict:
+    """Every tensor of a checkpoint's ``<prefix>*.safetensors`` files by name (ZeRO's per-rank files merged)."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob(f"{prefix}*.safetensors"))
+    assert files, f"no {prefix}*.safetensors in {path}"
+    out = {}
+    for f in files:
+        part = load_file(f)
+        assert not out.keys() & part.keys(), f"{f} repeats tensors of another rank's file"
+        out.update(part)
+    return out
 
 
 def check(proc) -> None:

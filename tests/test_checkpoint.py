@@ -1,13 +1,16 @@
 """Checkpoint format, commit protocol and safe loading, in one process (multi-process faults are in
 tests/test_fault_tolerance.py)."""
 
+import errno
 import json
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from distllm import checkpoint
+from distllm import checkpoint, faults
 from distllm.distributed import local_runtime
 from distllm.errors import CheckpointError
 
@@ -22,9 +25,9 @@ class Tiny(torch.nn.Module):
             self.head.weight = self.emb.weight
 
 
-def _trained(model=None, steps=2):
+def _trained(model=None, steps=2, opt=None):
     model = model or Tiny()
-    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    opt = opt or torch.optim.AdamW(model.parameters(), fused=True)
     for _ in range(steps):
         model.head(model.norm(model.emb(torch.tensor([1, 2])))).sum().backward()
         opt.step()
@@ -61,8 +64,12 @@ def test_save_commits_and_loads_back_exactly(tmp_path):
         a, b = opt.state[p], fresh_opt.state[q]
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
         assert float(a["step"]) == float(b["step"]) == 2
-    # one more identical step on both gives identical weights (bias correction uses the restored step)
-    _trained(model, 1), _trained(fresh, 1)
+    # one more identical step of each optimizer gives identical weights (bias correction uses the restored step)
+    before = model.emb.weight.detach().clone()
+    _trained(model, 1, opt), _trained(fresh, 1, fresh_opt)
+    assert not torch.equal(model.emb.weight, before)  # the step moved the weights
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
 
 
 def test_latest_ignores_uncommitted_and_keep_last_prunes_marker_first(tmp_path):
@@ -83,6 +90,49 @@ def test_latest_ignores_uncommitted_and_keep_last_prunes_marker_first(tmp_path):
     removed = checkpoint.remove_leftovers(tmp_path)
     assert sorted(p.name for p in removed) == [".tmp-step_000010", "step_000009"]
     assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
+
+
+def test_every_file_is_on_disk_before_the_commit_marker_exists(tmp_path, monkeypatch):
+    """A power cut right after COMPLETE must not leave a committed checkpoint whose files were only in
+    the page cache: each file the marker lists was fsynced while the marker did not exist yet."""
+    marker = checkpoint.step_path(tmp_path, 1) / checkpoint.MARKER
+    synced: set[str] = set()  # names fsynced before the marker appeared
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if not marker.exists():
+            synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = _save(tmp_path, 1)
+    files = set(checkpoint.read_marker(path)["files"])
+    assert files and files <= synced, files - synced
+
+
+@pytest.mark.parametrize("fail", ["writing", "committing"])
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_a_failed_save_prunes_no_checkpoint(tmp_path, monkeypatch, keep_last, fail):
+    """Retention deletes old checkpoints only after the new one is committed: a save that fails while
+    writing its files, or at its commit marker, leaves all keep_last earlier checkpoints loadable."""
+    kept = [_save(tmp_path, step, keep_last=keep_last) for step in range(1, keep_last + 1)]
+    if fail == "writing":
+        monkeypatch.setattr(faults, "_FAULTS", faults._parse("enospc@save"))
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            if Path(dst).name == checkpoint.MARKER:
+                raise OSError(errno.ENOSPC, "No space left on device (test)")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        _save(tmp_path, keep_last + 1, keep_last=keep_last)
+    assert checkpoint.complete_checkpoints(tmp_path) == kept
+    monkeypatch.undo()
+    _save(tmp_path, keep_last + 2, keep_last=keep_last)  # the next good save does prune
+    assert checkpoint.complete_checkpoints(tmp_path) == kept[1:] + [checkpoint.step_path(tmp_path, keep_last + 2)]
 
 
 def test_resolve_and_locate(tmp_path):

@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
 
-from distllm.__main__ import main
+from distllm.__main__ import lost_contact, main, quiet_library_warnings
 
 COMMANDS = ["prepare", "train", "eval", "generate", "plot"]
 
@@ -128,7 +129,11 @@ def test_unwritable_paths_are_one_line_errors(tmp_path, tiny_corpus, tiny_config
     cfg = write_config(tmp_path, {"data": {"source": str(tiny_corpus), "dir": "/dev/null/data"}})
     assert_user_error(run_cli("prepare", cfg), "Not a directory", "/dev/null/data")
     cfg = write_config(tmp_path, {**tiny_config.to_dict(), "run": {"dir": "/dev/null/run"}})
-    assert_user_error(run_cli("train", cfg, "--train.max_steps=3"), "Not a directory", "/dev/null/run")
+    assert_user_error(run_cli("train", cfg, "--train.max_steps=3"),
+                      "run.dir /dev/null/run cannot be created: /dev/null is not a directory")
+    (tmp_path / "a-file").write_text("")  # was "[Errno 17] File exists"
+    r = run_cli("train", cfg, "--train.max_steps=3", f"--run.dir={tmp_path / 'a-file'}")
+    assert_user_error(r, f"run.dir {tmp_path / 'a-file'} is a file; choose another --run.dir")
 
 
 def test_prepare_on_a_full_disk(tmp_path, tiny_corpus, mount_tmpfs):
@@ -149,3 +154,39 @@ def test_eval_with_mismatched_tokenizer(tiny_config, tmp_path, tiny_corpus):
                  "--tokenizer.vocab_size=300", "--model.vocab_size=320"]) == 0
     r = run_cli("eval", path, f"--data.dir={other}")
     assert_user_error(r, "different tokenizer")
+
+
+def test_known_library_warnings_are_silenced_and_others_still_show():
+    """By category, module and message: the deprecated-collective FutureWarnings DeepSpeed's ZeRO triggers in
+    torch go; another warning from the same place, and ours, still show."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        for text, category, module in [
+            ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning,
+             "torch.distributed.c10d_logger"),
+            ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning,
+             "torch.distributed.c10d_logger"),
+            ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", UserWarning,
+             "torch.distributed.c10d_logger"),  # another category
+            ("something else is deprecated", FutureWarning, "torch.distributed.c10d_logger"),
+            ("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning, "distllm.train"),  # ours
+        ]:
+            warnings.warn_explicit(text, category, module.replace(".", "/") + ".py", 1, module=module)
+    assert [(str(w.message), w.category) for w in seen] == [
+        ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", UserWarning),
+        ("something else is deprecated", FutureWarning),
+        ("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning),
+    ]
+
+
+def test_lost_contact_is_recognised_from_torch_distributed_errors():
+    import torch.distributed as dist
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection {}"
+    assert lost_contact(RuntimeError(gloo.format("closed by peer"))) == "Connection closed by peer"
+    assert lost_contact(RuntimeError(gloo.format("reset by peer"))) == "Connection reset by peer"
+    assert lost_contact(dist.DistNetworkError("Broken pipe")) == "Broken pipe"
+    assert lost_contact(RuntimeError(gloo.format("timed out"))) is None  # not a lost peer
+    assert lost_contact(ConnectionResetError("Connection reset by peer")) is None  # not from torch.distributed
+    assert lost_contact(ValueError(gloo.format("closed by peer"))) is None

@@ -82,6 +82,37 @@ def test_value_errors_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
+def test_every_problem_is_reported_at_once(tmp_path):
+    """A type error, a value error and a combination: one ConfigError, a count, one line per problem."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: ten\n  micro_batch_size: 3\n  global_batch_size: 8\nmodel:\n  n_layers: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).splitlines() == [
+        "3 problems in the config:",
+        "  - train.max_steps must be an integer, got 'ten'",
+        "  - model.n_layers must be positive, got 0",
+        "  - train.global_batch_size (8) must be divisible by train.micro_batch_size x processes (3 x 1 = 3)",
+    ]
+    # the issue's example: configs/debug.yaml on 2 processes with --train.max_steps=20
+    with pytest.raises(ConfigError, match=r"^2 problems in the config:\n.*16 x 2 = 32.*\n.*optim.warmup_steps \(30\)"):
+        load_config(CONFIGS / "debug.yaml", ["--train.max_steps=20"]).validate(world_size=2)
+
+
+def test_a_default_standing_in_for_a_bad_value_is_not_blamed():
+    with pytest.raises(ConfigError) as e:  # warmup_steps keeps its default 100 > 50, which the user never wrote
+        from_dict({"optim": {"warmup_steps": "x"}, "train": {"max_steps": 50}})
+    assert str(e.value) == "optim.warmup_steps must be an integer, got 'x'"
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    for run_dir, message in [(tmp_path / "f", "is a file"), (tmp_path / "f" / "run", f"cannot be created: {tmp_path / 'f'} is a file")]:
+        with pytest.raises(ConfigError, match=f"^run.dir {run_dir} {message}; choose another --run.dir$"):
+            from_dict({"run": {"dir": str(run_dir)}}).validate()
+    from_dict({"run": {"dir": str(tmp_path / "new" / "run")}}).validate()  # not there yet: fine
+
+
 def test_global_batch_checked_against_world_size():
     cfg = from_dict({"train": {"micro_batch_size": 4, "global_batch_size": 4}})
     cfg.validate(world_size=1)
@@ -105,8 +136,13 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("train:\n  max_steps: 3\n seed: 4\n")  # one space short
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)  # one line, where and what (the parser's own message has 8)
+    assert str(e.value) == (f"{bad}:3:2: not valid YAML: expected <block end>, but found '<block mapping start>' "
+                            "(while parsing a block mapping that starts at 1:1)")
+    bad.write_bytes(b"train:\n  max_steps: \xff\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not UTF-8 text \(byte 20\)$"):
         load_config(bad)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("3\n")

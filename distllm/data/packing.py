@@ -29,12 +29,3 @@ def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
     return (same & causal)[:, None]  # (B, 1, T, T)
 
-
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, T) int64 position of each token inside its document (restarts at 0)."""
-    B, T = doc_ids.shape
-    index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # first token of each document
-    first = torch.where(starts, index, torch.zeros_like(index))
-    return index - torch.cummax(first, dim=1).values

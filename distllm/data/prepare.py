@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from distllm.config import Config
 from distllm.data import dedup, workers
@@ -65,6 +64,7 @@ from distllm.data.shards import FORMAT_VERSION, HEADER_SIZE, MANIFEST, SPLITS, T
 from distllm.data.storage import default_cache_root, is_url
 from distllm.data.workers import init_scan, init_tokenize, run_tasks, scan_piece, tokenize_piece
 from distllm.errors import DataError
+from distllm.progress import Progress
 from distllm.tokenizer import (
     eot_id,
     fingerprint,
@@ -332,8 +332,8 @@ def _scan_corpus(cfg, source: Source | None, journal: Journal, num_proc: int, in
     initargs = (field, dedup.base_threshold(d.val_fraction), hashes_dir)
 
     todo = [(p, None) for p in pieces if p.index not in journal.scans] if _cut(pieces, journal, d) is None else []
-    with tqdm(total=sum(p.nbytes for p, _ in todo), unit="B", unit_scale=True, desc="scan",
-              disable=not cfg.logging.progress, leave=False) as bar, \
+    with Progress(sum(p.nbytes for p, _ in todo), "scan", "B", unit_scale=True, enabled=cfg.logging.progress,
+                  leave=False) as bar, \
             run_tasks(scan_piece, todo, num_proc, init_scan, initargs) as results:  # fmt: skip
         for record in results:
             journal.add(record)
@@ -490,8 +490,8 @@ def _tokenize(corpus: _Corpus, spec: workers.TokenizeSpec, writers: dict[str, "_
             next_piece += 1
 
     feed()
-    with tqdm(total=sum(p.nbytes for p, _ in todo), unit="B", unit_scale=True, desc="tokenize",
-              disable=not progress, leave=False) as bar, \
+    with Progress(sum(p.nbytes for p, _ in todo), "tokenize", "B", unit_scale=True, enabled=progress,
+                  leave=False) as bar, \
             run_tasks(tokenize_piece, todo, num_proc, init_tokenize, (spec,)) as results:  # fmt: skip
         for record in results:
             journal.add(record)

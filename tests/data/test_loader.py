@@ -123,6 +123,23 @@ def test_epoch_remainder_is_dropped_by_the_global_batch(stream_dir):
             r.close()
 
 
+@pytest.mark.parametrize("B,G,w", [(5, 5, 1), (5, 25, 1), (1, 25, 5)])
+def test_an_epoch_of_whole_global_batches_is_used_to_its_last_batch(stream_dir, B, G, w):
+    """125 samples and G dividing 125: nothing to drop, so the epoch's last batch is trained on before
+    epoch 1 starts, for any micro-batch and number of processes."""
+    ranks = [loader(stream_dir, B=B, G=G, seed=2, rank=r, world_size=w) for r in range(w)]
+    assert ranks[0].batches_per_epoch() == 125 // G
+    seen = [i for _ in range(125 // (B * w)) for r in ranks for i in sample_ids(next(r))]
+    assert sorted(seen) == list(range(125))
+    assert [(r.epoch, r.state_dict()["sources"][0]["sample_index"]) for r in ranks] == [(0, 125)] * w
+    first = [i for _ in range(G // (B * w)) for r in ranks for i in sample_ids(next(r))]  # one more step
+    assert [(r.epoch, r.state_dict()["sources"][0]["sample_index"]) for r in ranks] == [(1, G)] * w
+    data_id = TokenShards(stream_dir, "train").data_id
+    assert sorted(first) == sorted(Permutation(125, derive_key(2, 1, data_id))[0:G].tolist())
+    for r in ranks:
+        r.close()
+
+
 def test_ranks_split_the_global_batch(stream_dir):
     """Micro-step m of rank r takes positions [m*w*B + r*B, +B); the union over ranks is the global batch."""
     single = loader(stream_dir, B=8, G=8, seed=3)

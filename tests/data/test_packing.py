@@ -5,7 +5,7 @@ import torch
 
 from distllm.config import DataConfig
 from distllm.data.loader import SampleIndex, TokenShards, build_train_loader
-from distllm.data.packing import document_attention_mask, document_ids, document_positions
+from distllm.data.packing import document_attention_mask, document_ids
 from distllm.data.shards import read_manifest
 from distllm.batch_plan import BatchPlan
 
@@ -17,7 +17,6 @@ def test_document_ids_split_after_each_end_of_text():
     ids = document_ids(tokens, EOT)
     assert ids.dtype == torch.int32
     assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]  # an EOT ends its own document
-    assert document_positions(ids).tolist() == [[0, 1, 2, 0, 1, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
 
 
 def test_attention_mask_is_causal_within_documents():

@@ -101,3 +101,12 @@ def test_load_state_dict_restarts_the_thread_at_the_new_position(data):
             next(loader)
         loader.load_state_dict(state)
         torch.testing.assert_close(torch.stack([next(loader) for _ in range(4)]), expected)
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_for_a_cuda_run(data):
+    """Pinned host memory lets ``.to(device, non_blocking=True)`` overlap the copy with compute."""
+    with build_train_loader(DataConfig(dir=str(data), seq_len=16, prefetch=2), BatchPlan(4, 4), seed=0,
+                            pin_memory=True) as loader:
+        batch = loader.next_batch()
+        assert batch["input_ids"].is_pinned() and batch["labels"].is_pinned()
