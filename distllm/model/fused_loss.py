@@ -39,8 +39,10 @@ _fused_addmm_cache: dict[str, bool] = {}
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing and keeps the answer
 def fp32_accumulating_addmm(device_type: str) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a bf16 product into an
-    fp32 ``acc`` in one call on ``device_type`` (CUDA in recent torch; not CPU). Asked once per device
+    fp32 ``acc`` in one call on ``device_type`` (CUDA in recent torch; never CPU). Asked once per device
     type with a 2 x 2 example whose answer is checked, like ``kernels.has_fused_rms_norm_backward``."""
+    if device_type != "cuda":
+        return False  # no CPU kernel in any torch build so far
     if device_type not in _fused_addmm_cache:
         ok = False
         try:
