@@ -17,7 +17,8 @@ compiled the same way, its own loss from ``labels``), weights copied from distll
 checked equal first. Printed per model: tokens/s (median step), MFU (``distllm.model.flops``: 6N +
 attention FLOPs per token against the datasheet bf16 peak), peak memory (CUDA allocator's peak over
 the timed steps), compile time (first step minus the median step). A micro-batch that does not fit
-is halved (at most twice) and said so. The last line is ``SUMMARY {json}`` for gpu_check.sh.
+is halved for that model (at most twice) and said so. The last line is ``SUMMARY {json}`` for
+gpu_check.sh.
 
 ``synth-data``: a data directory ``distllm train`` reads (manifest, shards, tokenizer.json): random
 token ids below a 512-token byte-level BPE tokenizer's vocabulary, end-of-text included, so document
@@ -71,10 +72,10 @@ def hf_copy(cfg, ours):
     return hf
 
 
-def measure(name: str, model, loss_fn, make_batch, device, dtype, compile_blocks, steps: int, warmup: int) -> dict:
-    """Compile (per block), warm up, time ``steps`` training steps; tokens/s of the median step."""
-    from distllm.optim import build_optimizer
+def measure(name: str, model, loss_fn, window, device, dtype, compile_blocks, steps: int, warmup: int) -> dict:
+    """Compile (per block), warm up, time ``steps`` training steps on ``window`` (B, T+1); the median step."""
     from distllm.config import OptimConfig
+    from distllm.optim import build_optimizer
 
     blocks = model.layers if hasattr(model, "layers") else model.model.layers
     if compile_blocks:
@@ -82,9 +83,9 @@ def measure(name: str, model, loss_fn, make_batch, device, dtype, compile_blocks
             block.compile()
     optimizer = build_optimizer(model, OptimConfig(), device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    inputs, labels = make_batch()
+    inputs, labels = window[:, :-1], window[:, 1:]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast:
             loss = loss_fn(model, inputs, labels)
         loss.backward()
@@ -107,13 +108,29 @@ def measure(name: str, model, loss_fn, make_batch, device, dtype, compile_blocks
         times.append(time.perf_counter() - t0)
     median = statistics.median(times[warmup:])
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    del optimizer
-    return {"name": name, "step_s": median, "first_step_s": times[0], "compile_s": max(0.0, times[0] - median),
-            "peak_bytes": peak, "loss": float(loss.detach())}
+    return {"name": name, "micro_batch": inputs.size(0), "step_s": median, "first_step_s": times[0],
+            "compile_s": max(0.0, times[0] - median), "peak_bytes": peak, "loss": float(loss.detach())}
+
+
+def measure_fitting(name: str, model, loss_fn, vocab: int, seq: int, batch: int, args, device, dtype) -> dict:
+    """``measure`` at micro-batch ``batch``, halved (at most twice) while it runs out of GPU memory."""
+    for attempt in range(3):
+        window = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            return measure(name, model, loss_fn, window, device, dtype, args.compile, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            if attempt == 2 or batch == 1:
+                raise
+        # out of the except block: the failed attempt's frames (and tensors) are gone
+        model.zero_grad(set_to_none=True)
+        del window
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"{name}: micro-batch {batch} x {seq} did not fit in GPU memory; trying {batch // 2}", flush=True)
+        batch //= 2
 
 
 def throughput(args) -> dict:
-    from distllm.loss import next_token_loss  # noqa: F401  (the same import path distllm train uses)
     from distllm.model import Transformer, count_params, flops_per_token, mfu, peak_flops
     from distllm.model.kernels import enable_tf32_matmuls
 
@@ -127,60 +144,42 @@ def throughput(args) -> dict:
     summary = {"preset": args.preset or "tiny", "seq": T, "dtype": args.dtype, "compile": args.compile,
                "params": count_params(cfg), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "peak_flops": peak}
-    batch = args.micro_batch
-    for attempt in range(3):
-        g = torch.Generator().manual_seed(0)
-        window = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=g).to(device)
-
-        def make_batch():
-            return window[:, :-1], window[:, 1:]
-
-        try:
-            torch.manual_seed(0)
-            ours = Transformer(cfg).to(device).train()
-            results = {}
-            if not args.no_hf:
-                hf = hf_copy(cfg, ours).to(device).train()
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                    a = (ours(window[:, :-1], labels=window[:, 1:]) / window[:, 1:].numel()).item()
-                    b = hf(input_ids=window[:, :-1], labels=window[:, :-1], shift_labels=window[:, 1:].contiguous()).loss.item()
-                summary["loss_check"] = [a, b]
-                if abs(a - b) > 2e-2 * abs(b):
-                    raise SystemExit(f"same weights, different losses: distllm {a:.5f} vs HF {b:.5f}")
-                hf.cpu()  # off the GPU while distllm is measured
-            results["distllm"] = measure("distllm", ours, lambda m, x, y: m(x, labels=y) / y.numel(), make_batch,
-                                         device, dtype, args.compile, args.steps, args.warmup)
-            del ours
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if not args.no_hf:
-                hf = hf.to(device)
-                results["hf"] = measure(
-                    "hf", hf,
-                    lambda m, x, y: m(input_ids=x, labels=x, shift_labels=y.contiguous()).loss,
-                    make_batch, device, dtype, args.compile, args.steps, args.warmup)
-                del hf
-            break
-        except torch.OutOfMemoryError:
-            ours = hf = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            if attempt == 2 or batch == 1:
-                raise
-            print(f"micro-batch {batch} x {T} did not fit; trying {batch // 2}", flush=True)
-            batch //= 2
-    tokens = batch * T
-    summary["micro_batch"] = batch
-    print(f"{summary['preset']}: {summary['params'] / 1e6:.1f}M params, micro-batch {batch} x seq {T} = {tokens} tokens,"
-          f" {summary['device']} {args.dtype}{' autocast' if dtype == torch.bfloat16 else ''}, "
-          f"{'compiled blocks' if args.compile else 'eager'}; {fpt / 1e9:.2f} GFLOP/token; peak "
-          + ("unknown (MFU n/a)" if peak is None else f"{peak / 1e12:.3g} TFLOP/s"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device(device):  # built where it trains (a 1B model initialises in seconds on a GPU)
+        ours = Transformer(cfg).train()
+        hf = None if args.no_hf else hf_copy(cfg, ours).train()
+    results = {}
+    if hf is not None:  # the same weights give the same loss (one sequence)
+        check = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad(), autocast:
+            a = (ours(check[:, :-1], labels=check[:, 1:]) / T).item()
+            b = hf(input_ids=check[:, :-1], labels=check[:, :-1], shift_labels=check[:, 1:].contiguous()).loss.item()
+        summary["loss_check"] = [a, b]
+        if abs(a - b) > 2e-2 * abs(b):
+            raise SystemExit(f"same weights, different losses: distllm {a:.5f} vs HF {b:.5f}")
+        hf.cpu()  # off the GPU while distllm is measured
+    results["distllm"] = measure_fitting("distllm", ours, lambda m, x, y: m(x, labels=y) / y.numel(), cfg.vocab_size,
+                                         T, args.micro_batch, args, device, dtype)
+    del ours
+    torch._dynamo.reset()  # drop distllm's compiled blocks and whatever they hold
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if hf is not None:
+        hf.to(device)
+        results["hf"] = measure_fitting("hf", hf, lambda m, x, y: m(input_ids=x, labels=x, shift_labels=y.contiguous()).loss,
+                                        cfg.vocab_size, T, args.micro_batch, args, device, dtype)
+        del hf
+    print(f"{summary['preset']}: {summary['params'] / 1e6:.1f}M params, seq {T}, {summary['device']} {args.dtype}"
+          f"{' autocast' if dtype == torch.bfloat16 else ''}, {'compiled blocks' if args.compile else 'eager'}; "
+          f"{fpt / 1e9:.2f} GFLOP/token; peak " + ("unknown (MFU n/a)" if peak is None else f"{peak / 1e12:.3g} TFLOP/s"))
     for name, r in results.items():
-        r["tokens_per_s"] = tokens / r["step_s"]
+        r["tokens_per_s"] = r["micro_batch"] * T / r["step_s"]
         r["mfu"] = mfu(r["tokens_per_s"], fpt, peak)
         mem = "n/a (CPU)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB"
-        print(f"{name:8s} {r['tokens_per_s']:12,.0f} tokens/s  MFU " + ("n/a" if r["mfu"] is None else f"{r['mfu']:6.1%}")
+        print(f"{name:8s} micro-batch {r['micro_batch']} x {T}: {r['tokens_per_s']:10,.0f} tokens/s  MFU "
+              + ("n/a" if r["mfu"] is None else f"{r['mfu']:6.1%}")
               + f"  peak memory {mem}  compile {r['compile_s']:.1f} s (first step {r['first_step_s']:.1f} s,"
               f" step {r['step_s'] * 1e3:.1f} ms)", flush=True)
         summary[name] = r
@@ -295,9 +294,10 @@ def _throughput_figures(s: dict) -> str:
         r = s[name]
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         mem = "" if r["peak_bytes"] is None else f", {r['peak_bytes'] / 2**30:.1f} GiB"
-        return f"{name} {r['tokens_per_s']:,.0f} tok/s, MFU {mfu}{mem}, compile {r['compile_s']:.0f} s"
+        return (f"{name} B={r['micro_batch']} {r['tokens_per_s']:,.0f} tok/s, MFU {mfu}{mem}, "
+                f"compile {r['compile_s']:.0f} s")
 
-    text = f"B={s['micro_batch']}x{s['seq']}: " + one("distllm")
+    text = f"seq {s['seq']}: " + one("distllm")
     if "hf" in s:
         text += f" | {one('hf')} | ratio {s['ratio_vs_hf']:.2f}x (target >= 1.2x)"
     return text + " | target MFU >= 50%"

@@ -33,7 +33,8 @@ hd = head dim):
                = 18d + 4 nkv hd + 4 nh + 8h
     without checkpointing: t x L x a;  with it: t x L x 4d (each block's input) + t x a (one block recomputed)
     loss (fused, chunked): t/8 x V x 8 (a chunk's fp32 logits, its bf16 product and gradient)
-                           + V x d x 6 (d weight's fp32 sum and a bf16 chunk product) + t x d x 8
+                           + V x d x 8 (d weight's fp32 sum, one bf16 chunk product, the weight's bf16
+                           copy under autocast) + t x d x 8 (d hidden, the final norm's input)
 
 A configuration "fits" when the total is at most 90% of the GPU's memory (the rest: the CUDA
 context, the caching allocator's fragmentation, transient activation gradients, NCCL buffers).
@@ -90,7 +91,7 @@ def plan(cfg, engine: str, world: int, checkpointing: bool, micro_batch: int | N
     else:
         acts = t * m.n_layers * a
     chunk = max(1024, math.ceil(t / 8))
-    loss = min(chunk, t) * m.vocab_size * 8 + m.vocab_size * m.d_model * 6 + t * m.d_model * 8
+    loss = min(chunk, t) * m.vocab_size * 8 + m.vocab_size * m.d_model * 8 + t * m.d_model * 8
     if engine == "DDP":
         buckets = 4 * n if world > 1 else 0
         return Plan(weights=6 * n, grads=4 * n + buckets, optimizer=8 * n, buffers=0, activations=acts, loss=loss)
@@ -191,30 +192,32 @@ def check_bench_memory(tiny: bool = False) -> list[str]:
             f"optimizer {8 * n / w / mb:.1f})"]
 
 
+START, END = "<!-- memory_plan.py: begin -->", "<!-- memory_plan.py: end -->"
+
+
+def render(text: str) -> str:
+    """``text`` (the note) with the tables between its markers regenerated (appended if it has none)."""
+    generated = "\n".join([START, "", *[line for preset in PRESETS for line in tables(preset)], END])
+    if START in text and END in text:
+        return text[: text.index(START)] + generated + text[text.index(END) + len(END):]
+    return text + ("\n" if text else "") + generated + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--write", help="write the note (markdown) to this file")
+    p.add_argument("--write", help="write the tables into this markdown file (between its markers)")
     p.add_argument("--check-bench-memory", action="store_true")
     p.add_argument("--tiny", action="store_true", help="with --check-bench-memory: bench_memory --tiny's shape")
     args = p.parse_args()
     if args.check_bench_memory:
         print("\n".join(check_bench_memory(args.tiny)))
-        return
-    body = [line for preset in PRESETS for line in tables(preset)]
-    if args.write:
+    elif args.write:
         note = Path(args.write)
-        text = note.read_text() if note.exists() else ""
-        start, end = "<!-- memory_plan.py: begin -->", "<!-- memory_plan.py: end -->"
-        generated = "\n".join([start, "", *body, end])
-        if start in text and end in text:
-            text = text[: text.index(start)] + generated + text[text.index(end) + len(end):]
-        else:
-            text = text + ("\n" if text else "") + generated + "\n"
         note.parent.mkdir(parents=True, exist_ok=True)
-        note.write_text(text)
+        note.write_text(render(note.read_text() if note.exists() else ""))
         print(f"wrote {note}")
     else:
-        print("\n".join(body))
+        print("\n".join(line for preset in PRESETS for line in tables(preset)))
 
 
 if __name__ == "__main__":
