@@ -9,8 +9,9 @@ and the same parameter count, which is checked. Before timing, distllm's weights
 HF model (splitting the fused projections) and both losses are compared: same math, same work.
 
 One training step = forward + cross-entropy + backward + AdamW step + zero_grad, each library used the
-way it normally is: distllm's training loss (``distllm.loss.next_token_loss``: logits, then
-distllm's cross-entropy on the shifted window); HF computes the loss inside forward from ``labels``
+way it normally is: distllm's training loss (``distllm.loss.next_token_loss``: the model's summed
+cross-entropy, chunked and fused with its output projection, over the shifted window, divided by the
+number of tokens); HF computes the loss inside forward from ``labels``
 (``shift_labels`` holds the already shifted targets, so both compute the loss over the same T
 positions of a (B, T) input).
 fp32 on CPU, bf16 autocast on CUDA.
