@@ -372,8 +372,9 @@ def enable_tf32_matmuls(device_type: str) -> bool:
     (``distributed.setup``). Returns whether it changed anything: on other devices it does nothing
     (on CPU "high" would let oneDNN round fp32 matmuls to bf16 passes).
 
-    Under bf16 training the matmuls run in bf16 anyway; what TF32 speeds up is whatever stays fp32:
-    fp32 runs (``train.precision: fp32``), the optimizer's and the loss's fp32 matmuls, evaluation."""
+    Under bf16 autocast the model's matmuls run in bf16 anyway; what TF32 speeds up is whatever stays
+    fp32: fp32 runs (``train.precision: fp32``), fp32 evaluation and tools (``distllm eval``,
+    ``generate``), and the measured peak of ``flops.measured_matmul_flops`` for fp32."""
     if device_type != "cuda":
         return False
     torch.set_float32_matmul_precision("high")
