@@ -90,7 +90,7 @@ def format_record(r: dict) -> str:
                 f"the recent mean) in samples {r['samples'][:8]}{' ...' if len(r['samples']) > 8 else ''}")
     return (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
-        f" | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}%"
+        f" | {r['tokens_per_s']:,.0f} tok/s | " + ("mfu n/a" if r["mfu"] is None else f"mfu {100 * r['mfu']:.2f}%")
     )
 
 
