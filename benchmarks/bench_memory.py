@@ -325,7 +325,7 @@ def print_table(results: dict[str, dict]) -> None:
             saved = d["peak_rss"] - results["ZeRO-3"]["peak_rss"]
             print(f"bucket sizing from the model saves {saved / MB:.0f} MB of peak RSS per rank under ZeRO-3")
     phases = list(ddp["phases"])
-    print(f"\nRSS per rank after each phase, MB (max of 2 ranks; 'trimmed' = after malloc_trim(0) at the end)")
+    print("\nRSS per rank after each phase, MB (max of 2 ranks; 'trimmed' = after malloc_trim(0) at the end)")
     print(f"{'engine':<20}" + "".join(f"{p:>11}" for p in phases) + f"{'peak':>11}")
     for label, r in results.items():
         print(f"{label:<20}" + "".join(f"{r['phases'][p] / MB:>11.0f}" for p in phases) + f"{r['peak_rss'] / MB:>11.0f}")

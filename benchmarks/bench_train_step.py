@@ -9,8 +9,9 @@ and the same parameter count, which is checked. Before timing, distllm's weights
 HF model (splitting the fused projections) and both losses are compared: same math, same work.
 
 One training step = forward + cross-entropy + backward + AdamW step + zero_grad, each library used the
-way it normally is: distllm's training loss (``distllm.loss.next_token_loss``: logits, then
-distllm's cross-entropy on the shifted window); HF computes the loss inside forward from ``labels``
+way it normally is: distllm's training loss (``distllm.loss.next_token_loss``: the model's summed
+cross-entropy, chunked and fused with its output projection, over the shifted window, divided by the
+number of tokens); HF computes the loss inside forward from ``labels``
 (``shift_labels`` holds the already shifted targets, so both compute the loss over the same T
 positions of a (B, T) input).
 fp32 on CPU, bf16 autocast on CUDA.
@@ -182,15 +183,17 @@ def main() -> None:
         f"batch {args.batch} x seq {args.seq}; {n_ours / 1e6:.2f}M params; {device.type} {str(dtype)[6:]}, "
         f"{torch.get_num_threads()} threads; loss check {a:.4f} vs {b:.4f}"
     )
-    print(f"peak {peak / 1e9:.1f} GFLOP/s ({'measured matmul' if device.type == 'cpu' else 'datasheet/measured'}), "
+    peak_text = "unknown (MFU n/a)" if peak is None else f"{peak / 1e9:.1f} GFLOP/s"
+    print(f"peak {peak_text} ({'measured matmul' if device.type == 'cpu' else 'datasheet/measured'}), "
           f"{fpt / 1e6:.1f} MFLOP/token; {args.rounds} rounds x {args.steps} steps per model")
     throughput = {}
     for name, ts in times.items():
         median = statistics.median(ts)
         throughput[name] = tokens / median
+        utilisation = mfu(throughput[name], fpt, peak)
         print(
             f"{name:8s} step {median * 1e3:8.1f} ms (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})  "
-            f"{throughput[name]:9.0f} tokens/s  MFU {mfu(throughput[name], fpt, peak):6.1%}"
+            f"{throughput[name]:9.0f} tokens/s  MFU " + ("n/a" if utilisation is None else f"{utilisation:6.1%}")
         )
     best = min(times["hf"]) / min(times["distllm"])
     ratio = throughput["distllm"] / throughput["hf"]

@@ -47,6 +47,7 @@ from distllm import deepspeed_fence, hostmem
 from distllm.batch_plan import BatchPlan, launcher_world_size
 from distllm.config import Config, TrainConfig
 from distllm.errors import ConfigError
+from distllm.model.kernels import enable_tf32_matmuls
 
 DEEPSPEED_DEFAULT_BUCKET = int(5e8)  # DeepSpeed's default bucket size in elements
 
@@ -246,6 +247,7 @@ def setup(cfg: Config) -> Runtime:
 
     t = cfg.train
     device_type = resolve_device(t.device).type
+    enable_tf32_matmuls(device_type)  # fp32 matmuls on tensor cores (CUDA only)
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by Accelerate) would probe for GPUs
         hostmem.set_mmap_threshold()  # before the model is built: freed tensors leave the RSS

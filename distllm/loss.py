@@ -1,4 +1,11 @@
-"""The pretraining objective: next-token cross-entropy on a window of T+1 tokens."""
+"""The pretraining objective: next-token cross-entropy on a window of T+1 tokens.
+
+The model computes the loss itself: ``model(inputs, doc_ids=..., labels=targets)`` returns the SUM of
+the token cross-entropies, chunked and fused with the output projection
+(``distllm/model/fused_loss.py``), so the (tokens x vocab) logits never exist at once.
+``next_token_loss`` is the mean of that over a window's tokens. ``cross_entropy`` is the unfused
+loss on logits a caller already has (kept as the reference the fused loss is tested against).
+"""
 
 import torch
 
@@ -44,19 +51,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, consume: bool = F
 
 
 def next_token_loss(model: torch.nn.Module, window: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``window[:, 1:]`` from ``window[:, :-1]``.
+    """Mean cross-entropy (fp32) of predicting ``window[:, 1:]`` from ``window[:, :-1]``.
 
-    window: (B, T+1) token ids. Logits are upcast to fp32 for the softmax. ``doc_ids`` (B, T), the
-    document of each input token, keeps attention inside documents (``data.document_mask``).
+    window: (B, T+1) token ids; ``doc_ids`` (B, T), the document of each input token, keeps attention
+    inside documents (``data.document_mask``). The model returns the summed loss of the B*T targets
+    (fused with its output projection, in chunks); this divides by their number.
     """
     inputs, targets = window[:, :-1], window[:, 1:]  # (B, T), (B, T)
-    if doc_ids is None:
-        logits = model(inputs)  # (B, T, V), used only here
-    else:
-        from distllm.data.packing import document_attention_mask
-
-        logits = model(inputs, attn_mask=document_attention_mask(doc_ids))  # (B, 1, T, T) mask
-    # Overwriting the logits saves a page-faulting (N, V) allocation on CPU; on GPUs the caching
-    # allocator makes it cheap (and bf16 logits are upcast into a new tensor anyway).
-    consume = logits.device.type == "cpu"
-    return cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), consume=consume)
+    return model(inputs, doc_ids=doc_ids, labels=targets) / targets.numel()

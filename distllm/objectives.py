@@ -20,9 +20,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
-from distllm.loss import cross_entropy
 
 IGNORE = -100
 """Label of a token that is not learned."""
@@ -37,16 +34,6 @@ def counted_tokens(batch: dict) -> torch.Tensor:
 
 def next_token_objective(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed cross-entropy of predicting ``labels`` from ``input_ids`` (pretraining and SFT)."""
-    inputs, labels = batch["input_ids"], batch["labels"]  # (B, T), (B, T)
-    doc_ids = batch.get("doc_ids")
-    if doc_ids is None:
-        logits = model(inputs)  # (B, T, V)
-    else:
-        from distllm.data.packing import document_attention_mask
-
-        logits = model(inputs, attn_mask=document_attention_mask(doc_ids))  # (B, 1, T, T) mask
-    logits, labels = logits.flatten(0, 1).float(), labels.flatten()  # (N, V) fp32, (N,)
-    if bool((labels == IGNORE).any()):
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum"), {}
-    # every token counts: the in-place mean cross-entropy (distllm/loss.py) times the count is the sum
-    return cross_entropy(logits, labels, consume=logits.device.type == "cpu") * labels.numel(), {}
+    # the model sums the cross-entropy itself, in chunks fused with its output projection (the
+    # (tokens x vocab) logits never exist at once), and builds the document mask from doc_ids
+    return model(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"]), {}

@@ -69,7 +69,8 @@ def draw(records: list[dict], title: str):
     ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="C3")
     ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
     mfu = ax.twinx()
-    mfu.plot([r["step"] for r in train], [100 * r["mfu"] for r in train], color="C4", alpha=0.5)
+    known = [r for r in train if r.get("mfu") is not None]  # None: a device of unknown peak
+    mfu.plot([r["step"] for r in known], [100 * r["mfu"] for r in known], color="C4", alpha=0.5)
     mfu.set_ylabel("MFU (%)")
 
     for ax in axes.flat:

@@ -102,8 +102,8 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         cleanup.callback(trace.close)
     saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file)
     tokens_per_step = cfg.train.global_batch_size * T
-    speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T),
-                       (cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)) * rt.world_size)
+    peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)  # None: an unknown GPU
+    speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T), peak and peak * rt.world_size)
     losses = LossLog(rt, log, cfg.train.spike_factor)
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
@@ -264,7 +264,7 @@ class Throughput:
     """Tokens/s and MFU of the training steps alone (evaluation and saving are paused out), and the
     slowest step (the time-limit margin)."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None):
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
         self.slowest = 0.0
 

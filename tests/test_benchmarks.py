@@ -1,9 +1,13 @@
 """benchmarks/bench_train_step.py runs end to end (a tiny shape; the timing itself is not checked)."""
 
+import argparse
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
 
@@ -71,3 +75,83 @@ def test_distill_loss_benchmark_runs_and_reports_its_ratios():
     m = re.search(r"ratio distllm / straightforward: held for backward ([0-9.]+)x, peak ([0-9.]+)x, time ([0-9.]+)x",
                   r.stdout)
     assert m and all(float(x) >= 0 for x in m.groups()), r.stdout
+
+
+LOSS_BENCH = BENCH.with_name("bench_loss_memory.py")
+
+
+def test_loss_memory_benchmark_runs_and_reports_both_ratios():
+    """benchmarks/bench_loss_memory.py --tiny: the fused chunked loss and the unfused one, each measured in
+    its own process; the same loss, and a memory and a time ratio (figures not checked at this size)."""
+    r = subprocess.run([sys.executable, str(LOSS_BENCH), "--tiny", "--threads", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    losses = re.search(r"losses ([0-9.]+) \(unfused\) vs ([0-9.]+) \(fused\)", out)
+    assert losses and abs(float(losses.group(1)) - float(losses.group(2))) < 1e-5, out
+    assert "chunks of 64 tokens" in out, out  # the fused loss really ran in chunks (512 tokens)
+    for line in (r"ratio fused / unfused peak memory: ([0-9.]+)x", r"ratio fused / unfused time: ([0-9.]+)x"):
+        m = re.search(line, out)
+        assert m and float(m.group(1)) > 0, (line, out)
+
+
+GPU_BENCH = BENCH.with_name("bench_gpu.py")
+GPU_CHECK = BENCH.with_name("gpu_check.sh")
+
+
+def test_gpu_benchmark_throughput_smoke_run():
+    """benchmarks/bench_gpu.py throughput --tiny: the GPU throughput code on CPU (fp32, no compile): distllm
+    and HF get the same weights and loss, and both are timed."""
+    r = subprocess.run([sys.executable, str(GPU_BENCH), "throughput", "--tiny"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("SUMMARY "))
+    import json
+
+    summary = json.loads(line[len("SUMMARY "):])
+    a, b = summary["loss_check"]
+    assert abs(a - b) < 1e-4 * abs(b), summary
+    assert summary["distllm"]["tokens_per_s"] > 0 and summary["hf"]["tokens_per_s"] > 0 and summary["ratio_vs_hf"] > 0
+    assert re.search(r"^distllm .* tokens/s .*MFU .*compile", r.stdout, re.M), r.stdout
+
+
+def test_gpu_check_synthetic_data_is_a_valid_data_dir(tmp_path):
+    sys.path.insert(0, str(GPU_BENCH.parent))
+    import bench_gpu
+
+    from distllm.data.loader import TokenShards
+    from distllm.data.shards import verify
+
+    data = bench_gpu.synth_data(argparse.Namespace(dir=str(tmp_path / "data"), tokens=50_000))
+    manifest = verify(data, check_hashes=True)
+    shards = TokenShards(data, "train")
+    tokens = shards.window(0, shards.num_tokens)
+    assert shards.num_tokens == 50_000 and int(tokens.max()) < manifest["tokenizer"]["vocab_size"]
+    assert manifest["splits"]["train"]["num_documents"] > 50  # end-of-text tokens: documents to mask
+
+
+def test_gpu_check_summary_names_each_part_and_the_cause_of_a_failure(tmp_path):
+    sys.path.insert(0, str(GPU_BENCH.parent))
+    import bench_gpu
+
+    ok = tmp_path / "export.log"
+    ok.write_text('SUMMARY {"export_max_abs_diff": 2e-06, "ok": true}\n')
+    bad = tmp_path / "train.log"
+    bad.write_text("distllm train: error: optim.warmup_steps (30) must be smaller than train.max_steps (1)\nTraceback\n")
+    parts = tmp_path / "parts.tsv"
+    parts.write_text(f"export\tok\t12\t{ok}\ntrain-ddp\tFAILED(exit 1)\t9\t{bad}\nllama-1b\tTIMEOUT\t190\t{tmp_path / 'x'}\n")
+    text = "\n".join(bench_gpu.summary_lines(parts))
+    assert re.search(r"^export\s+ok\s+12 s\s+max \|logit diff\| 2.0e-06", text, re.M), text
+    assert re.search(r"^train-ddp\s+FAILED\(exit 1\)\s+9 s\s+distllm train: error: optim.warmup_steps", text, re.M), text
+    assert text.endswith("1 of 3 parts ok; not ok: train-ddp, llama-1b"), text
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_part_tiny_on_cpu(tmp_path):
+    """GPU_CHECK_TINY=1 benchmarks/gpu_check.sh: the whole script (tests, two throughput runs, synthetic data,
+    DDP and ZeRO-3 one-step `distllm train` runs, export parity) tiny on CPU: every part ok. About 1.5 min
+    on 2 idle cores, 4.5 min on a busy machine."""
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "GPU_CHECK_DIR": str(tmp_path / "check"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "7 of 7 parts ok" in r.stdout, r.stdout[-4000:]

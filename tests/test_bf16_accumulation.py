@@ -9,7 +9,6 @@ DeepSpeed module holds bf16 weights and a bf16 residual stream; autocast keeps f
 
 import pytest
 
-from distllm.config import save_config
 from distributed_runs import check, launch
 
 STEPS = 20

@@ -2,9 +2,6 @@
 loads with no custom code, with the same logits (1e-4) and the same greedy text as distllm."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distllm import checkpoint
-from distributed_runs import ENGINES, STEPS, Run, check, launch, launch_two_nodes
+from distributed_runs import ENGINES, Run, check, launch, launch_two_nodes
 
 BOUND = 120  # seconds: every faulty run must end by then (a hang would reach it)
 

@@ -26,20 +26,25 @@ def test_cross_entropy_backward_twice_is_refused():
 
 
 def test_next_token_loss_predicts_the_shifted_window():
-    vocab = 7
+    """The mean over the window's B*T targets of the model's summed (fused, chunked) loss equals the
+    cross-entropy of the model's logits against the shifted window."""
+    from distllm.config import ModelConfig
+    from distllm.model import Transformer
 
-    class Lookup(torch.nn.Module):  # logits depend only on the input token
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.randn(vocab, vocab))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=1, n_heads=2, d_model=32, max_seq_len=16, init_std=0.2))
+    model.lm_head.chunk_tokens = 7  # several chunks, the last one short
+    window = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        expected = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+        torch.testing.assert_close(next_token_loss(model, window), expected)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 5] * 3)  # a document boundary: the model builds the mask
+    from distllm.data.packing import document_attention_mask
 
-        def forward(self, tokens):
-            return self.table[tokens]
-
-    model = Lookup()
-    window = torch.randint(0, vocab, (3, 9))
-    expected = F.cross_entropy(model.table[window[:, :-1]].flatten(0, 1), window[:, 1:].flatten())
-    torch.testing.assert_close(next_token_loss(model, window), expected)
+    with torch.no_grad():
+        masked = model(window[:, :-1], attn_mask=document_attention_mask(doc_ids))
+        expected = F.cross_entropy(masked.flatten(0, 1), window[:, 1:].flatten())
+        torch.testing.assert_close(next_token_loss(model, window, doc_ids), expected)
 
 
 def test_consumed_logits_give_the_same_loss_and_gradients():

@@ -15,12 +15,15 @@ Chowdhery et al. 2022, "PaLM", appendix B)::
   in the forward pass, times 3 for forward + backward. The causal mask is not discounted (as in PaLM):
   this counts the full seq_len x seq_len score matrix although half of it is masked.
 
-MFU = tokens/s * flops_per_token / peak FLOP/s, never reported above 1 (see ``mfu``).
+MFU = tokens/s * flops_per_token / peak FLOP/s, never reported above 1 (see ``mfu``), and None
+(printed "n/a") when the peak is unknown.
 
-The peak: ``logging.peak_flops`` when set; else the datasheet dense bf16/fp16 peak of a known GPU;
-else (CPU, unknown GPU, fp32) the measured matmul throughput, the best of several trials spread over
-a few seconds, cached per machine in ``peak_flops.json`` under the user cache directory (keyed by
-device model, thread count and dtype) so a busy moment in one run does not set every run's MFU.
+The peak: ``logging.peak_flops`` when set; else for bf16/fp16 on a GPU the vendor's dense datasheet
+peak of a known model (``GPU_PEAK_FLOPS``, matched against ``torch.cuda.get_device_name``), and None
+for a GPU not in the table (a measured or guessed figure would give a wrong MFU); else (CPU, fp32
+on a GPU) the measured matmul throughput, the best of several trials spread over a few seconds,
+cached per machine in ``peak_flops.json`` under the user cache directory (keyed by device model,
+thread count and dtype) so a busy moment in one run does not set every run's MFU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -39,29 +43,44 @@ from distllm.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# Dense (no sparsity) bf16 tensor-core peaks from the NVIDIA datasheets, in FLOP/s; fp16 for the
-# GPUs without bf16 (V100, T4). Matched as substrings of torch.cuda.get_device_name(), first match
-# wins, so the more specific names come first.
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s (fp16 for the
+# GPUs without bf16: V100, T4). Each pattern is a regular expression searched in
+# torch.cuda.get_device_name() with word boundaries (so "L4" is not "L40" and "B200" is not "GB200");
+# the first match wins, so the more specific names come first. A GPU that matches none has no known
+# peak: its MFU is None, not a wrong figure.
 GPU_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 6000 Ada", 364e12),
-    ("A6000", 155e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
+    (r"H200 NVL", 835e12),
+    (r"GH200", 989e12),  # Grace Hopper superchip: the H100/H200-class GPU
+    (r"H200", 989e12),  # SXM
+    (r"H100 NVL", 835e12),
+    (r"H100 PCIe", 756e12),
+    (r"H100", 989e12),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    (r"H800 PCIe", 756e12),
+    (r"H800", 989e12),
+    (r"B200", 2250e12),  # HGX B200 (not GB200)
+    (r"A100", 312e12),
+    (r"A800", 312e12),
+    (r"L40S", 362e12),
+    (r"L40", 181e12),
+    (r"L4", 121e12),
+    (r"A10G", 70e12),
+    (r"A10", 125e12),
+    (r"RTX 6000 Ada", 364e12),
+    (r"A6000", 155e12),
+    (r"RTX 4090", 165e12),
+    (r"RTX 3090", 71e12),
+    (r"V100", 125e12),
+    (r"T4", 65e12),
 )
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """The dense bf16 (fp16) datasheet peak of the GPU called ``device_name``, None if it is not in
+    ``GPU_PEAK_FLOPS``."""
+    for pattern, flops in GPU_PEAK_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])", device_name):
+            return flops
+    return None
 
 
 def count_params(cfg_or_model: ModelConfig | nn.Module, exclude_embedding: bool = False) -> int:
@@ -96,13 +115,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 _mfu_warned = False
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of peak_flops, at most 1.
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s as a fraction of peak_flops, at most 1; None when
+    the peak is unknown (``peak_flops`` None: a GPU not in the datasheet table).
 
     Above 1 the peak must be underestimated (measured while the machine was busy): the value is
     clamped to 1 and a warning, once per process, names the cache file to delete (or
     ``logging.peak_flops`` to set)."""
     global _mfu_warned
+    if peak_flops is None:
+        return None
     value = tokens_per_s * flops_per_token / peak_flops
     if value > 1.0:
         if not _mfu_warned:
@@ -116,21 +138,18 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
     return value
 
 
-def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Peak FLOP/s of one device for ``dtype``.
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of one device for ``dtype``; None when unknown.
 
-    CUDA with bf16/fp16: the datasheet dense peak of a known GPU (``GPU_PEAK_FLOPS``). Otherwise (CPU,
-    unknown GPU, fp32) the measured matmul throughput (``measured_matmul_flops``) in ``dtype`` (fp32 on
-    CPU, which trains in fp32), cached per machine (``cached_peak``). A measured CPU "peak" is what
-    torch.matmul sustains on this machine with the current thread count, so CPU MFU is relative to
-    that, not to a datasheet figure.
+    CUDA with bf16/fp16: the datasheet dense peak of a known GPU (``datasheet_peak``), None for a GPU
+    not in the table. Otherwise (CPU, fp32 on a GPU) the measured matmul throughput
+    (``measured_matmul_flops``) in ``dtype`` (fp32 on CPU, which trains in fp32), cached per machine
+    (``cached_peak``). A measured CPU "peak" is what torch.matmul sustains on this machine with the
+    current thread count, so CPU MFU is relative to that, not to a datasheet figure.
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops
+        return datasheet_peak(torch.cuda.get_device_name(device))
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # the CPU path trains in fp32
     return cached_peak(machine_key(device, dtype), lambda: measured_matmul_flops(device.type, device.index, dtype),

@@ -17,7 +17,16 @@ gradient, and on CPU every fresh large tensor costs page faults. Three Functions
 Together with the in-place cross-entropy (``distllm/loss.py``) they took the training step from
 about 77k to 19k page faults and made it 1.10-1.21x faster than Hugging Face ``LlamaForCausalLM``
 of the same shape (``benchmarks/bench_train_step.py``). tests/model checks every backward against
-plain autograd (gradcheck in fp64) and under ``torch.compile``.
+plain autograd (gradcheck in fp64).
+
+Under ``torch.compile`` (``train.compile``) each of them gives way to plain tensor ops
+(``torch.compiler.is_compiling()``): their ``out=`` writes into strided views are graph breaks
+(a block fell into 13 graphs), while Inductor fuses the plain ops itself, so a compiled block is
+one graph with no break (tests/model/test_compile.py).
+
+Attention restricted to packed documents (``doc_ids``) runs FlexAttention with a block mask on
+CUDA (``use_flex_attention``; flash-class kernels, no (B, 1, T, T) mask) and SDPA with the dense
+mask elsewhere. ``enable_tf32_matmuls`` is the process-wide fp32 matmul setting for CUDA.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x and the per-row rsqrt, where autograd's op-by-op backward of the composite takes about a dozen
     passes and keeps several intermediates (CPU always, CUDA with torch < 2.9, MPS).
     """
+    if torch.compiler.is_compiling():  # Inductor fuses the composite and differentiates it itself
+        return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled() and not has_fused_rms_norm_backward(x.device.type):
         return RMSNormFunction.apply(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
@@ -114,12 +125,26 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables (max_seq_len, head_dim) in fp32 for ``apply_rope``: [cos, cos] and [-sin, sin] of
-    the angles position * theta^(-2i / head_dim), i < head_dim / 2 (each half of the head uses every frequency)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    the angles position * theta^(-2i / head_dim), i < head_dim / 2 (each half of the head uses every frequency).
+
+    Every floating tensor here comes from ``.float()`` of an integer ``arange``, never from a floating
+    constructor: ``deepspeed.zero.Init(dtype=bf16)`` (ZeRO-3) wraps ``torch.arange`` and the other
+    constructors and casts whatever floating tensor they return to bf16, which holds integers
+    exactly only up to 256 (4,096 positions became 769 distinct rotations)."""
+    exponent = torch.arange(0, head_dim, 2, device=device).float() / head_dim  # int64 -> fp32
+    inv_freq = 1.0 / theta**exponent  # (hd/2,)
+    pos = torch.arange(max_seq_len, device=device).float()  # exact up to 2^24
     angles = torch.outer(pos, inv_freq)  # (max_seq_len, hd/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def rope_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in plain tensor ops (for torch.compile): x cos + [x2, x1] sin with the tables'
+    [-sin, sin], i.e. [x1 cos - x2 sin, x2 cos + x1 sin]; products in fp32, result in x's dtype."""
+    half = x.size(-1) // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
+    return (x * cos[:, None] + swapped * sin[:, None]).to(x.dtype)
 
 
 def apply_rope(
@@ -176,9 +201,28 @@ class QKVRoPEFunction(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int):
+    """q, k rotated and v from the fused projection qkv (B, T, nh + 2 nkv, hd): ``QKVRoPEFunction``
+    in eager mode, plain ops under torch.compile."""
+    if torch.compiler.is_compiling():
+        qk = rope_plain(qkv[:, :, : nh + nkv], cos, sin)  # (B, T, nh + nkv, hd)
+        return qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]
+    return QKVRoPEFunction.apply(qkv, cos, sin, nh, nkv)
+
+
 # ---------------------------------------------------------------------------------------------
 # SwiGLU
 # ---------------------------------------------------------------------------------------------
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up = [gate, up] (..., 2h) -> (..., h): ``SwiGLUFunction`` in eager mode,
+    plain ops under torch.compile."""
+    if torch.compiler.is_compiling():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return SwiGLUFunction.apply(gate_up)
+
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -264,3 +308,74 @@ def attention(
         if not gqa:
             k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)  # (B, nh, S, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention inside packed documents: FlexAttention on CUDA, a dense mask elsewhere
+# ---------------------------------------------------------------------------------------------
+
+
+def use_flex_attention(device_type: str) -> bool:
+    """Whether the document mask (``doc_ids``) runs as a FlexAttention block mask: on CUDA only.
+
+    A dense (B, 1, T, T) mask rules out SDPA's flash kernel (the memory-efficient kernel takes it,
+    reading the whole mask); FlexAttention's Triton kernels skip the blocks no query of a document
+    may see and never build the mask. torch 2.13's FlexAttention on CPU has a forward only (no
+    backward), so CPU training keeps the dense mask; the two are tested equal there in eval mode.
+    """
+    return device_type == "cuda"
+
+
+def document_mask(doc_ids: torch.Tensor):
+    """(B, T) document ids -> what ``attention_in_documents`` takes: a FlexAttention ``BlockMask``
+    where ``use_flex_attention``, else the dense (B, 1, T, T) bool mask (True = may attend). Built
+    once per forward and shared by every layer."""
+    from distllm.data.packing import document_attention_mask, document_block_mask
+
+    if use_flex_attention(doc_ids.device.type):
+        return document_block_mask(doc_ids)
+    return document_attention_mask(doc_ids)
+
+
+_compiled_flex_attention = None
+
+
+def attention_in_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Causal attention within documents: q (B, nh, T, hd), k, v (B, nkv, T, hd), ``mask`` from
+    ``document_mask`` -> (B, nh, T, hd).
+
+    A ``BlockMask`` goes to FlexAttention (grouped-query k/v natively, no copy). Flex must be compiled
+    to be fast: inside a compiled block it is part of the block's graph; in eager mode a module-level
+    ``torch.compile(flex_attention)`` (compiled once, on first use) runs it on CUDA. A dense mask goes
+    to SDPA (``attention``)."""
+    if isinstance(mask, torch.Tensor):
+        return attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex_attention
+    flex = flex_attention
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        flex = _compiled_flex_attention
+    return flex(q, k, v, block_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 matmuls on CUDA
+# ---------------------------------------------------------------------------------------------
+
+
+def enable_tf32_matmuls(device_type: str) -> bool:
+    """Let fp32 matmuls use TF32 tensor cores on CUDA (``torch.set_float32_matmul_precision("high")``;
+    cuDNN convolutions already do by default). Process-wide; call it once when the device is known
+    (``distributed.setup``). Returns whether it changed anything: on other devices it does nothing
+    (on CPU "high" would let oneDNN round fp32 matmuls to bf16 passes).
+
+    Under bf16 autocast the model's matmuls run in bf16 anyway; what TF32 speeds up is whatever stays
+    fp32: fp32 runs (``train.precision: fp32``), fp32 evaluation and tools (``distllm eval``,
+    ``generate``), and the measured peak of ``flops.measured_matmul_flops`` for fp32."""
+    if device_type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True

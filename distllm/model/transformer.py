@@ -1,14 +1,27 @@
 """Decoder-only transformer in the Llama style. Single-device code: parallelism wraps it from outside.
 
     tokens (B, T) -> tok_emb -> n_layers x Block -> norm -> lm_head -> logits (B, T, vocab_size)
+                                                          or, given labels, the summed cross-entropy
     Block:   x = x + attn(attn_norm(x))
              x = x + mlp(mlp_norm(x))
     attn:    causal self-attention with rotary position embedding and grouped-query attention
     mlp:     SwiGLU, w_down(silu(gate) * up)
 
 No biases anywhere. Q/K/V and gate/up are each one fused Linear (fewer, larger matmuls). The
-measured fast paths (hand-written backwards for RoPE, SwiGLU and RMSNorm, and how grouped-query
-k/v reach SDPA) live in ``kernels.py``; this file is the math.
+measured fast paths (hand-written backwards for RoPE, SwiGLU and RMSNorm, how grouped-query k/v
+reach SDPA, FlexAttention for packed documents on CUDA) live in ``kernels.py``, the chunked
+cross-entropy fused with the output projection in ``fused_loss.py``; this file is the math.
+
+    model(input_ids)                          -> logits (B, T, vocab_size) in the compute dtype
+    model(input_ids, labels=labels)           -> fp32 scalar: the SUM of the token cross-entropies over
+                                                 positions with labels != -100 (labels (B, T) are the
+                                                 targets of each position, already shifted); the
+                                                 (B*T, vocab) logits never exist at once
+    model(input_ids, doc_ids=doc_ids, ...)    -> attention stays inside each packed document
+                                                 (doc_ids (B, T): the document of each token)
+
+The loss is computed inside the output head module (``OutputHead``), so DeepSpeed ZeRO-3's module
+hooks gather its weight (the embedding's, when tied) around it.
 
 Parameter names and shapes (hd = head_dim, nh = n_heads, nkv = kv_heads, h = hidden_dim), with the
 Hugging Face ``LlamaForCausalLM`` tensor each one maps to; the fused weights are stacked along dim 0,
@@ -33,8 +46,11 @@ weights = 1. Each module initialises its own parameters in its own constructor (
 * the same seed gives the same weights on every rank, with no broadcast;
 * DeepSpeed ZeRO-3 ``deepspeed.zero.Init``, which partitions a module's parameters as soon as its
   constructor returns, sees every parameter already initialised (a pass at the end of
-  ``Transformer.__init__`` would write into empty placeholders);
-* ``Transformer.init_weights()`` after re-seeding reproduces construction exactly.
+  ``Transformer.__init__`` would write into empty placeholders).
+
+The RoPE tables are fp32 buffers under every engine: built without floating constructors (which
+``zero.Init`` casts to bf16), rebuilt after ``.to()``/``.bfloat16()``, and rebuilt when read if
+something replaced their ``.data`` in another dtype (DeepSpeed's ``buffer_dtype`` does).
 """
 
 from __future__ import annotations
@@ -46,7 +62,9 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from distllm.model.config import ModelConfig
-from distllm.model.kernels import QKVRoPEFunction, SwiGLUFunction, attention, rms_norm, rope_tables
+from distllm.model import kernels
+from distllm.model.fused_loss import linear_cross_entropy
+from distllm.model.kernels import attention, qkv_rope, rms_norm, rope_tables, swiglu
 
 
 class Linear(nn.Linear):
@@ -87,6 +105,20 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # x / sqrt(mean(x^2) + eps) * weight
 
 
+class OutputHead(Linear):
+    """The output projection ``lm_head``: hidden states (B, T, d) -> logits (B, T, vocab), or with
+    ``labels`` (B, T) the fp32 sum of the token cross-entropies (``fused_loss.linear_cross_entropy``:
+    chunks of ``chunk_tokens`` tokens, None = automatic). A module of its own so that ZeRO-3 gathers
+    ``weight`` around the whole loss computation."""
+
+    chunk_tokens: int | None = None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)  # (B, T, vocab)
+        return linear_cross_entropy(x.flatten(0, -2), self.weight, labels.flatten(), self.chunk_tokens)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE tables ``cos``, ``sin`` (max_seq_len, head_dim) of ``rope_tables``: fp32, non-persistent buffers."""
 
@@ -103,6 +135,14 @@ class RotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         self.cos, self.sin = rope_tables(self.head_dim, self.max_seq_len, self.theta, device=self.cos.device)
         return self
+
+    def tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows of positions [start, end): (end - start, head_dim) fp32. Tables whose ``.data``
+        was replaced in another dtype (bypassing ``_apply``, as DeepSpeed's ``buffer_dtype`` cast does)
+        are rebuilt first."""
+        if self.cos.dtype != torch.float32 or self.sin.dtype != torch.float32:
+            self.cos, self.sin = rope_tables(self.head_dim, self.max_seq_len, self.theta, device=self.cos.device)
+        return self.cos[start:end], self.sin[start:end]
 
 
 class KVCache:
@@ -142,15 +182,17 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask=None,
     ) -> torch.Tensor:
+        """``attn_mask``: None (causal), or what ``kernels.document_mask`` builds (a dense (B, 1, T, T)
+        bool mask or a FlexAttention BlockMask) to keep attention inside packed documents."""
         B, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hd)  # heads [q..., k..., v...]
-        q, k, v = QKVRoPEFunction.apply(qkv, cos, sin, nh, nkv)  # q, k rotated; (B, T, nh | nkv | nkv, hd)
+        q, k, v = qkv_rope(qkv, cos, sin, nh, nkv)  # q, k rotated; (B, T, nh | nkv | nkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if cache is None and attn_mask is not None:  # e.g. causal within each packed document
-            y = attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
+        if cache is None and attn_mask is not None:  # causal within each packed document
+            y = kernels.attention_in_documents(q, k, v, attn_mask)  # (B, nh, T, hd)
         elif cache is None:
             y = attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
         else:
@@ -173,7 +215,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.w_gate_up(x)  # (B, T, 2h): [gate, up]
-        return self.w_down(SwiGLUFunction.apply(gate_up))  # silu(gate) * up: (B, T, h) -> (B, T, d)
+        return self.w_down(swiglu(gate_up))  # silu(gate) * up: (B, T, h) -> (B, T, d)
 
 
 class Block(nn.Module):
@@ -186,7 +228,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask=None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos, attn_mask)  # (B, T, d)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, d)
@@ -206,29 +248,27 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, None if cfg.tie_embeddings else cfg.init_std)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, None if cfg.tie_embeddings else cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Re-initialise every parameter as the constructors did, in the same order (the same RNG
-        state gives the same weights as construction). Under ZeRO-3, call it inside
-        ``deepspeed.zero.GatheredParameters(model.parameters(), modifier_rank=0)``."""
-        for module in self.modules():
-            if isinstance(module, (Linear, Embedding, RMSNorm)):
-                module.reset_parameters()
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """Empty cache for this model, on its device and in its parameter dtype unless given."""
         weight = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len, device=device or weight.device, dtype=dtype or weight.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size). With a cache, tokens sit at positions start_pos.. .
-        ``attn_mask`` (B, 1, T, T) bool (True = may attend) replaces the causal mask, e.g. to keep
-        attention inside each packed document (training only)."""
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                *, cache: KVCache | None = None, start_pos: int = 0, attn_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size); with ``labels`` (B, T) int64 (the target of each
+        position, -100 = not counted) -> the fp32 SUM of the counted tokens' cross-entropies, computed
+        in chunks inside ``lm_head`` (no (B*T, vocab) logits).
+
+        ``doc_ids`` (B, T): the packed document of each token; attention stays inside documents
+        (FlexAttention on CUDA, a dense mask elsewhere: ``kernels.document_mask``). With a ``cache``,
+        tokens sit at positions start_pos.. (inference; no doc_ids). ``attn_mask`` (B, 1, T, T) bool
+        (True = may attend) replaces the causal mask (the dense form of doc_ids, kept for callers that
+        build it themselves)."""
         B, T = tokens.shape
         end = start_pos + T
         if end > self.cfg.max_seq_len:
@@ -240,12 +280,18 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"KV cache holds {cache.batch_size} x {cache.max_len} positions, got batch {B} up to position {end}"
             )
+        if doc_ids is not None:
+            if cache is not None or attn_mask is not None:
+                raise ValueError("doc_ids cannot be combined with a KV cache or an explicit attn_mask")
+            attn_mask = kernels.document_mask(doc_ids)  # built once, shared by every layer
         x = self.tok_emb(tokens)  # (B, T, d)
-        cos, sin = self.rope.cos[start_pos:end], self.rope.sin[start_pos:end]  # (T, hd)
+        cos, sin = self.rope.tables(start_pos, end)  # (T, hd) fp32
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, cache, start_pos, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, start_pos, attn_mask)  # (B, T, d)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        if labels is None:
+            return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        return self.lm_head(self.norm(x), labels)  # fp32 scalar: summed cross-entropy

@@ -135,9 +135,14 @@ def test_measured_peak_is_a_plausible_cpu_figure():
     "name, expected",
     [
         ("NVIDIA A100-SXM4-80GB", 312e12),
-        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
         ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),  # SXM
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA B200", 2250e12),
         ("NVIDIA L4", 121e12),
         ("NVIDIA L40S", 362e12),
         ("NVIDIA A10G", 70e12),
@@ -150,7 +155,28 @@ def test_peak_flops_gpu_datasheet(monkeypatch, name, expected):
     assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == expected
 
 
-def test_peak_flops_unknown_gpu_falls_back_to_a_cached_measurement(monkeypatch, peak_cache):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU 9000")
-    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) == 100e9 + 1
-    assert "Mystery GPU 9000" in next(iter(json.loads(flops_module.peak_cache_file().read_text())))
+@pytest.mark.parametrize("name", ["Mystery GPU 9000", "NVIDIA GB200", "NVIDIA H20", "NVIDIA L40G"])
+def test_unknown_gpu_has_no_peak_and_no_mfu(monkeypatch, peak_cache, name):
+    """A GPU outside the table (including near-misses of its names) gets no peak and MFU None, never a
+    measured or neighbouring figure; nothing is measured or cached for it."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), torch.bfloat16) is None
+    assert mfu(1000.0, 1e9, None) is None
+    assert peak_cache == [] and not flops_module.peak_cache_file().exists()
+
+
+def test_format_record_prints_unknown_mfu_as_n_a():
+    from distllm.metrics import format_record
+
+    record = {"step": 3, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1234.0}
+    assert format_record({**record, "mfu": None}).endswith("| mfu n/a")
+    assert format_record({**record, "mfu": 0.4125}).endswith("| mfu 41.25%")
+
+
+def test_tf32_is_enabled_on_cuda_only(monkeypatch):
+    from distllm.model.kernels import enable_tf32_matmuls
+
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    assert enable_tf32_matmuls("cpu") is False and calls == []  # CPU fp32 matmuls stay exact
+    assert enable_tf32_matmuls("cuda") is True and calls == ["high"]
