@@ -35,12 +35,13 @@ the command line holds a credential.
 Why not Accelerate's tracker API (``Accelerator(log_with=...)``, ``init_trackers``,
 ``accelerator.log``): it starts all trackers in one loop, so one that cannot start stops the
 others and the run, and ``accelerator.log`` raises a tracker's error into the training loop; its
-main-process check uses Accelerate's process counters, which are wrong under DeepSpeed on CPU
-(DESIGN.md); ``log_with`` must be given when the ``Accelerator`` is built, before the run
+main-process check uses Accelerate's process counters (``PartialState``), which DESIGN.md found wrong
+under DeepSpeed on CPU (``num_processes`` 1 of 2), where we take ranks from torch.distributed; ``log_with`` must be given when the ``Accelerator`` is built, before the run
 directory and the resume decision exist; resuming is only ``init_kwargs`` passed through (W&B
 ``id``, MLflow ``run_id``, itself overridden by ``MLFLOW_RUN_ID``), with no record of what was
 already sent; its MLflow tracker takes the tracking URI only from the environment; its
-TensorBoard tracker has no purge on resume. The three classes below are the parts of it we need.
+TensorBoard tracker has no purge on resume. The three classes below make the same calls as its
+tracker classes (``wandb.init`` / ``run.log``, MLflow runs and batched parameters, ``SummaryWriter``).
 """
 
 from __future__ import annotations
