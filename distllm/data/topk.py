@@ -34,7 +34,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from distllm.data.shards import fsync_dir, sha256_file, write_durably
+from distllm.durable import fsync_dir, sha256_file, write_durably
 from distllm.errors import DataError
 
 MANIFEST = "topk.json"
