@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per line. Training records have at least ``step``,
 ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` and ``mfu``; validation records have
-``step``, ``val_loss`` and ``val_ppl``. Scripts and ``distllm plot`` read these names.
+``step``, ``val_loss``, ``val_ppl`` and ``val_bpb`` (bits per byte); task records have ``step`` and
+``eval/<task>/acc``, ``eval/<task>/acc_norm`` and their ``..._stderr``. Scripts and ``distllm plot`` read these names.
 Only the main process writes.
 """
 
@@ -76,7 +77,11 @@ class MetricsLogger:
 
 def format_record(r: dict) -> str:
     if "val_loss" in r:
-        return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+        bpb = f" | val_bpb {r['val_bpb']:.4f}" if r.get("val_bpb") is not None else ""
+        return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}{bpb}"
+    if any(k.startswith("eval/") for k in r):
+        return f"step {r['step']:>6} | " + " | ".join(
+            f"{k[5:]} {v:.4f}" for k, v in r.items() if k.startswith("eval/") and k.endswith(("/acc", "/acc_norm")))
     if r.get("skipped"):
         return f"step {r['step']:>6} | SKIPPED: non-finite loss {r['loss']:.4g} / grad_norm {r['grad_norm']:.4g}"
     if "loss_spike" in r:

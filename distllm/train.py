@@ -27,9 +27,9 @@ from distllm.config import Config, parse_duration, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
 from distllm.errors import CheckpointError, ConfigError, UserError
-from distllm.evaluate import ValidationSet, validation_loss
+from distllm.evaluate import ValidationSet, validation_metrics
 from distllm.loss import next_token_loss
-from distllm.metrics import MetricsLogger, perplexity
+from distllm.metrics import MetricsLogger
 from distllm.model import count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
@@ -69,7 +69,7 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.debug:
         loader = FirstBatchOnly(loader)
     val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
-    val = ValidationSet(val_split, T, B, cfg.train.eval_batches, rt.rank, rt.world_size)
+    val = ValidationSet(val_split, T, B, cfg.train.eval_batches, rt.rank, rt.world_size, cfg.data.document_mask)
     tokenizer_file = val_split.tokenizer_path  # copied into every checkpoint (a local copy for s3:// data)
 
     # ---- model and optimizer: the same initialisation on every rank, then the engine's wrap
@@ -124,9 +124,9 @@ def train(cfg: Config) -> TrainResult:
         return path
 
     def evaluate(at_step: int) -> float:
-        loss = validation_loss(model, val, rt.device, rt)
-        log.log({"step": at_step, "val_loss": loss, "val_ppl": perplexity(loss)})
-        return loss
+        metrics = validation_metrics(model, val, rt.device, rt)  # val_loss, val_ppl, val_bpb
+        log.log({"step": at_step, **metrics})
+        return metrics["val_loss"]
 
     # ---- the loop
     model.train()
