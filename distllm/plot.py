@@ -1,4 +1,5 @@
-"""``distllm plot RUN_DIR``: loss, validation, learning rate and throughput curves as one PNG."""
+"""``distllm plot RUN_DIR``: loss, validation (perplexity, bits per byte), learning rate, throughput and,
+when the run scored tasks (``eval/<task>/acc`` records), downstream accuracy curves as one PNG."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     if not train and not val:
         raise DataError(f"{path} has no training or validation records yet")
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    tasks = eval_series(records)
+    rows = 3 if tasks else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.5 * rows), constrained_layout=True, squeeze=False)
     ax = axes[0, 0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
@@ -39,6 +42,11 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         ax.set_yscale("log")
     ax.set(title="validation perplexity", xlabel="step")
     ax.grid(alpha=0.3)
+    bpb = [r for r in val if r.get("val_bpb") is not None]
+    if bpb:
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="C5", alpha=0.7)
+        twin.set_ylabel("bits per byte")
 
     ax = axes[1, 0]
     ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="C2")
@@ -53,8 +61,30 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     mfu.set_ylabel("MFU (%)")
     ax.grid(alpha=0.3)
 
+    if tasks:
+        for ax, metric in zip(axes[2], ("acc_norm", "acc")):
+            for k, (task, series) in enumerate(sorted(tasks.items())):
+                points = series.get(metric, [])
+                if points:
+                    ax.plot([s for s, _ in points], [v for _, v in points], "o-", color=f"C{k}", label=task)
+            ax.set(title=f"tasks: {metric}", xlabel="step", ylabel=metric)
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+
     fig.suptitle(f"distllm run {Path(run_dir).resolve().name}")
     out_path = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def eval_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{task: {"acc": [(step, value), ...], "acc_norm": [...]}} from ``eval/<task>/<metric>`` records."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and isinstance(value, (int, float)):
+                task, _, metric = key[len("eval/"):].rpartition("/")
+                if task and metric in ("acc", "acc_norm"):
+                    out.setdefault(task, {}).setdefault(metric, []).append((r["step"], float(value)))
+    return out
