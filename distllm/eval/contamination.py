@@ -314,7 +314,8 @@ def excerpt(text: bytes, word: int, k: int) -> str:
 def check(data_dir: str, tasks: list[Task], n: int = DEFAULT_N, all_choices: bool = False, num_proc: int = 0,
           storage: Optional[dict] = None, verify: bool = True, progress: bool = True,
           unit_tokens: int = UNIT_TOKENS) -> tuple[dict, list[tuple[int, int]]]:
-    """Check ``tasks`` against the train split of ``data_dir``: (report, dirty document stream ranges)."""
+    """Check ``tasks`` against the train split of ``data_dir``: (report, dirty document stream ranges).
+    The report's ``seconds`` run from here (after the imports) to the last document scanned."""
     from distllm.data.loader import TokenShards
     from distllm.data.workers import run_tasks
     from distllm.eval.progress import Progress

@@ -16,10 +16,11 @@ log-likelihood of the continuation ``delimiter + x_i`` given ``c``:
   (numpy's argmax); standard errors ``sqrt(p (1 - p) / (n - 1))`` (lm-eval's ``mean_stderr``).
 
 Speed. The choices of an item share the context, so the context runs once: a forward of the
-context fills a KV cache (``Transformer.new_kv_cache``), its last position scores every choice's
-first token, and one more forward of all choices' remaining tokens starts from copies of that cache.
-Items whose contexts have the same number of tokens share these forwards (the cache API has one start
-position per batch), in batches of about ``batch_tokens`` tokens. Items that need truncation (a choice
+context fills a KV cache (``Transformer.new_kv_cache``), and one more forward of all choices starts
+from copies of it. Items share these forwards in batches of about ``batch_tokens`` tokens: the cache
+API has one start position per batch, so a batch runs the first ``shortest context - 1`` tokens of
+each context once, and then, per choice, the rest of its context (a few tokens: contexts in a batch
+differ by at most ``slack``) and the choice, in forwards of rows of similar length (little padding). Items that need truncation (a choice
 would not fit next to the whole context) are scored one choice per row with lm-eval's left truncation.
 
 Processes. The batches are formed from the whole task set, identically in every process; rank r
@@ -32,6 +33,7 @@ DeepSpeed engine): forwards go through the wrapper, the KV cache is made from th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -116,12 +118,37 @@ def encode_task(task: Task, task_index: int, tokenizer, prefix_id: int, delimite
 
 @dataclass
 class SharedBatch:
-    """Items whose contexts have the same length: one context forward, one forward of all choices."""
+    """Items with contexts of about the same length. Their shared prefix -- the first ``prefix`` context
+    tokens, one less than the shortest context -- runs once per item into a KV cache; one more forward
+    runs, for every choice, the rest of its item's context and the choice (all rows start at position
+    ``prefix``, so the positions are exact)."""
 
     items: list[EncodedItem]
 
+    @property
+    def prefix(self) -> int:
+        return min(len(e.context) for e in self.items) - 1
+
+    def rows(self) -> list[tuple[int, list[int], list[int]]]:
+        """(item in batch, continuation, tokens from position ``prefix``: rest of the context + choice[:-1])."""
+        P = self.prefix
+        return [(k, c, e.context[P:] + c[:-1]) for k, e in enumerate(self.items) for c in e.continuations]
+
+    def chunks(self) -> list[list[int]]:
+        """The rows split into forwards of similar length (longest first), so little of a forward is padding:
+        a row joins a chunk while the chunk's longest row is at most 5/4 of it (+ 2 tokens)."""
+        lengths = [len(t) for _, _, t in self.rows()]
+        order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+        out: list[list[int]] = []
+        for r in order:
+            if out and lengths[out[-1][0]] <= 1.25 * lengths[r] + 2:
+                out[-1].append(r)
+            else:
+                out.append([r])
+        return out
+
     def forwards(self) -> int:
-        return 1 + any(len(c) > 1 for e in self.items for c in e.continuations)
+        return (self.prefix > 0) + len(self.chunks())
 
 
 @dataclass
@@ -134,29 +161,33 @@ class TruncatedBatch:
         return 1
 
 
+def slack(length: int) -> int:
+    """Context tokens a batch may recompute per choice beyond its shortest context (a quarter, at least 4)."""
+    return max(4, length // 4)
+
+
 def plan_batches(items: list[EncodedItem], max_len: int, batch_tokens: int) -> list:
-    """The global list of batches (the same in every process): shared-context batches by context length,
-    then truncated rows by length, each of about ``batch_tokens`` tokens (at least one item or row)."""
-    shared: dict[int, list[EncodedItem]] = {}
-    truncated: list[tuple[EncodedItem, int]] = []
-    for e in items:
-        if e.fits(max_len):
-            shared.setdefault(len(e.context), []).append(e)
-        else:
-            truncated.extend((e, i) for i in range(len(e.continuations)))
+    """The global list of batches (the same in every process): items sorted by context length, cut into
+    batches of about ``batch_tokens`` tokens whose contexts differ by at most ``slack`` tokens; then the
+    rows that need truncation, by length. At least one item or row per batch."""
+    fitting = sorted((e for e in items if e.fits(max_len)), key=lambda e: (len(e.context), e.task, e.item))
+    truncated = [(e, i) for e in items if not e.fits(max_len) for i in range(len(e.continuations))]
     batches: list = []
-    for length in sorted(shared, reverse=True):
-        group, cost, longest, rows = [], 0, 0, 0
-        for e in shared[length]:
-            longest_e = max(len(c) for c in e.continuations)
-            new_rows, new_longest = rows + len(e.continuations), max(longest, longest_e)
-            if group and new_rows * (length + new_longest) > batch_tokens:
-                batches.append(SharedBatch(group))
-                group, new_rows, new_longest = [], len(e.continuations), longest_e
-            group.append(e)
-            rows, longest = new_rows, new_longest
-        if group:
+    group: list[EncodedItem] = []
+    rows = tail = 0  # choices in the group; longest (rest of context + choice) in it
+    for e in fitting:
+        shortest = len(group[0].context) if group else len(e.context)
+        e_tail = len(e.context) - shortest + max(len(c) for c in e.continuations)
+        new_rows, new_tail = rows + len(e.continuations), max(tail, e_tail)
+        if group and (len(e.context) - shortest > slack(shortest)
+                      or new_rows * new_tail + len(group) * shortest > batch_tokens):
             batches.append(SharedBatch(group))
+            group, new_rows, new_tail = [], len(e.continuations), max(len(c) for c in e.continuations)
+        group.append(e)
+        rows, tail = new_rows, new_tail
+    if group:
+        batches.append(SharedBatch(group))
+
     def width(row: tuple[EncodedItem, int]) -> int:  # input tokens after truncation
         return min(len(row[0].context) + len(row[0].continuations[row[1]]) - 1, max_len)
 
@@ -186,6 +217,33 @@ def _unwrap(model, rt) -> torch.nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
+@contextlib.contextmanager
+def _head_rows(module: torch.nn.Module, rows: torch.Tensor):
+    """While active, the output projection (``module.lm_head``) sees only ``rows`` of the flattened
+    (B * T, d) hidden states, so a forward returns (len(rows), V) logits and the vocabulary projection
+    is never paid for positions that are not scored (a forward pre-hook: it works through DDP and
+    DeepSpeed wrappers alike). A model without ``lm_head`` is left alone (it returns (B, T, V))."""
+    head = getattr(module, "lm_head", None)
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+
+    def select(_, args):
+        x = args[0]
+        return (x.reshape(-1, x.shape[-1]).index_select(0, rows.to(x.device)), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scored(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits of the scored positions: as returned under ``_head_rows``, or picked from (B, T, V)."""
+    return logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+
+
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets) from logits (..., V) and targets (...) as fp32 (..., )."""
     logits = logits.float()
@@ -193,44 +251,47 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _run_shared(model, module, batch: SharedBatch, device) -> dict[tuple[int, int], list[float]]:
-    items = batch.items
-    L = len(items[0].context)
-    ctx = torch.tensor([e.context for e in items], dtype=torch.long, device=device)  # (k, L)
-    cache = module.new_kv_cache(len(items), L)
-    logits = model(ctx, cache=cache, start_pos=0)  # (k, L, V)
-    last = logits[:, -1].float().log_softmax(-1)  # (k, V): predicts each choice's first token
-    rows = [(k, c) for k, e in enumerate(items) for c in e.continuations]  # (item in batch, continuation)
-    owner = torch.tensor([k for k, _ in rows], device=device)  # (R,)
-    first = torch.tensor([c[0] for _, c in rows], device=device)  # (R,)
-    scores = last[owner, first].double()  # (R,)
-    tail = max(len(c) for _, c in rows) - 1
-    if tail > 0:
-        R = len(rows)
-        big = module.new_kv_cache(R, L + tail)
-        for layer in range(len(big.k)):  # every row starts from its item's context
-            big.k[layer][:, :, :L] = cache.k[layer][owner, :, :L]
-            big.v[layer][:, :, :L] = cache.v[layer][owner, :, :L]
-        inputs = torch.zeros(R, tail, dtype=torch.long, device=device)  # right-padded: pads come after
-        targets = torch.zeros(R, tail, dtype=torch.long, device=device)
-        mask = torch.zeros(R, tail, dtype=torch.bool, device=device)
-        for r, (_, c) in enumerate(rows):
-            n = len(c) - 1
-            inputs[r, :n] = torch.tensor(c[:-1])
-            targets[r, :n] = torch.tensor(c[1:])
-            mask[r, :n] = True
-        logits = model(inputs, cache=big, start_pos=L)  # (R, tail, V)
-        picked = torch.zeros(R, tail, dtype=torch.float64, device=device)
-        picked[mask] = _logprobs(logits[mask], targets[mask]).double()  # (N,): the padding is never normalised
-        scores += picked.sum(-1)
+    items, P = batch.items, batch.prefix
+    rows = batch.rows()  # (item in batch, continuation, tokens from position P)
+    prefix = None
+    if P > 0:  # the shared prefix: once per item, then copied to each of its choices' rows
+        prefix = module.new_kv_cache(len(items), P)
+        with _head_rows(module, torch.zeros(0, dtype=torch.long, device=device)):  # only the cache is wanted
+            model(torch.tensor([e.context[:P] for e in items], dtype=torch.long, device=device), cache=prefix,
+                  start_pos=0)
+    scores: dict[int, float] = {}
+    for chunk in batch.chunks():
+        R, width = len(chunk), max(len(rows[r][2]) for r in chunk)
+        cache = module.new_kv_cache(R, P + width)
+        if prefix is not None:
+            owner = torch.tensor([rows[r][0] for r in chunk], device=device)  # (R,)
+            for layer in range(len(cache.k)):
+                cache.k[layer][:, :, :P] = prefix.k[layer][owner]
+                cache.v[layer][:, :, :P] = prefix.v[layer][owner]
+        inputs = torch.zeros(R, width, dtype=torch.long, device=device)  # right-padded: pads come after
+        targets = torch.zeros(R, width, dtype=torch.long, device=device)
+        mask = torch.zeros(R, width, dtype=torch.bool, device=device)
+        for i, r in enumerate(chunk):
+            k, c, t = rows[r]
+            inputs[i, : len(t)] = torch.tensor(t)
+            first = len(items[k].context) - P - 1  # the last context token predicts the choice's first
+            targets[i, first : first + len(c)] = torch.tensor(c)
+            mask[i, first : first + len(c)] = True
+        flat = mask.flatten().nonzero().flatten()  # (N,) scored positions of the (R * width) grid
+        with _head_rows(module, flat):
+            logits = _scored(model(inputs, cache=cache, start_pos=P), flat)  # (N, V)
+        picked = torch.zeros(R * width, dtype=torch.float64, device=device)
+        picked[flat] = _logprobs(logits, targets.flatten()[flat]).double()
+        scores.update(zip(chunk, picked.view(R, width).sum(-1).tolist()))
     out, r = {}, 0
     for e in items:
         k = len(e.continuations)
-        out[(e.task, e.item)] = scores[r : r + k].tolist()
+        out[(e.task, e.item)] = [scores[r + i] for i in range(k)]
         r += k
     return out
 
 
-def _run_truncated(model, batch: TruncatedBatch, max_len: int, device) -> dict[tuple[int, int, int], float]:
+def _run_truncated(model, module, batch: TruncatedBatch, max_len: int, device) -> dict[tuple[int, int, int], float]:
     seqs, conts = [], []
     for e, i in batch.rows:
         cont = e.continuations[i]
@@ -240,12 +301,16 @@ def _run_truncated(model, batch: TruncatedBatch, max_len: int, device) -> dict[t
     inputs = torch.zeros(len(seqs), width, dtype=torch.long, device=device)  # right-padded
     for r, s in enumerate(seqs):
         inputs[r, : len(s)] = torch.tensor(s)
-    logits = model(inputs)  # (B, width, V)
-    out = {}
-    for r, ((e, i), s, cont) in enumerate(zip(batch.rows, seqs, conts)):
-        n = len(cont)
-        positions = logits[r, len(s) - n : len(s)]  # (n, V): the last n input positions predict the continuation
-        out[(e.task, e.item, i)] = float(_logprobs(positions, torch.tensor(cont, device=device)).double().sum())
+    # the last len(cont) input positions of each row predict its continuation
+    flat = torch.tensor([r * width + j for r, (s, c) in enumerate(zip(seqs, conts)) for j in range(len(s) - len(c), len(s))],
+                        dtype=torch.long, device=device)  # (N,)
+    with _head_rows(module, flat):
+        logits = _scored(model(inputs), flat)  # (N, V)
+    lp = _logprobs(logits, torch.tensor([t for c in conts for t in c], device=device)).double()
+    out, n = {}, 0
+    for (e, i), cont in zip(batch.rows, conts):
+        out[(e.task, e.item, i)] = float(lp[n : n + len(cont)].sum())
+        n += len(cont)
     return out
 
 
@@ -255,7 +320,7 @@ def loglikelihoods(model, items: list[EncodedItem], max_len: int, rt=None, devic
     """{(task, item): [log-likelihood of each choice]} for ``items``, computed by all ranks of ``rt``
     together (each rank passes the same ``items``); every rank gets every result."""
     module = _unwrap(model, rt)
-    device = device if device is not None else (rt.device if rt is not None else module.tok_emb.weight.device)
+    device = device if device is not None else (rt.device if rt is not None else next(module.parameters()).device)
     rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
     batch_tokens = batch_tokens or default_batch_tokens(module.cfg.vocab_size)
     batches = plan_batches(items, max_len, batch_tokens)
@@ -271,7 +336,7 @@ def loglikelihoods(model, items: list[EncodedItem], max_len: int, rt=None, devic
             if isinstance(batch, SharedBatch):
                 shared.update(_run_shared(model, module, batch, device))
             else:
-                single.update(_run_truncated(model, batch, max_len, device))
+                single.update(_run_truncated(model, module, batch, max_len, device))
         pad = torch.zeros(1, 1, dtype=torch.long, device=device)
         for _ in range(most - planned):  # the same number of forwards on every rank
             model(pad)

@@ -119,7 +119,10 @@ def test_batches_cover_every_choice_once_whatever_their_size(prepared_data, tmp_
                 for c in range(len(e.continuations))]
         seen += [(e.item, c) for b in batches if isinstance(b, mc.TruncatedBatch) for e, c in b.rows]
         assert sorted(seen) == sorted((e.item, c) for e in items for c in range(len(e.continuations)))
-        assert all(len({len(e.context) for e in b.items}) == 1 for b in batches if isinstance(b, mc.SharedBatch))
+        for b in batches:
+            if isinstance(b, mc.SharedBatch):  # contexts within the slack of the shortest
+                lengths = [len(e.context) for e in b.items]
+                assert max(lengths) - min(lengths) <= mc.slack(min(lengths)) and b.prefix == min(lengths) - 1
 
 
 def test_a_choice_longer_than_the_context_is_a_clear_error(prepared_data, tmp_path):
@@ -279,3 +282,40 @@ def test_eval_tasks_prints_json_writes_it_to_the_run_and_reports_bad_files(train
     assert main(["eval", str(run), "--tasks", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"distllm eval: error: {bad}:2: label 'label' = 3 is out of range for 1 choices"]
+
+
+def test_the_projection_of_unscored_positions_is_skipped_or_falls_back(prepared_data, tmp_path):
+    """Under ``_head_rows`` the model projects only the scored positions; a model whose output projection
+    is not the ``lm_head`` module (no hook applies) gives the same numbers from its full logits."""
+    from distllm.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=512, n_layers=1, n_heads=2, d_model=32, max_seq_len=MAX_LEN).build().eval()
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+
+    class Plain(torch.nn.Module):  # the same weights, projecting with F.linear: no lm_head module to hook
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.cfg = inner, inner.cfg
+
+        def new_kv_cache(self, *a, **k):
+            return self.inner.new_kv_cache(*a, **k)
+
+        def forward(self, tokens, cache=None, start_pos=0):
+            head, self.inner.lm_head = self.inner.lm_head, torch.nn.Identity()
+            try:
+                hidden = self.inner(tokens, cache=cache, start_pos=start_pos)
+            finally:
+                self.inner.lm_head = head
+            return torch.nn.functional.linear(hidden, head.weight)
+
+    tok = load_tokenizer(Path(prepared_data) / "tokenizer.json")
+    task = load_task(write_task(tmp_path / "t.jsonl"))
+    a = mc.score(model, [task], tok, per_item=True)["tasks"]["t"]["per_item"]
+    assert calls and all(len(shape) == 2 for shape in calls)  # (N, d): only scored rows were projected
+    assert sum(n for n, _ in calls) == sum(len(c) for e in mc.encode_task(task, 0, tok, eot_id(tok), " ", MAX_LEN)
+                                           for c in e.continuations)
+    b = mc.score(Plain(model), [task], tok, per_item=True)["tasks"]["t"]["per_item"]
+    for x, y in zip(a, b):
+        assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], abs=1e-5)
