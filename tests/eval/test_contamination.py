@@ -121,7 +121,12 @@ def test_whole_items_are_found_in_their_shard_and_document_fragments_are_not(pla
     assert set(expected) <= set(WHOLE) and len(expected) >= 2
 
     task = load_task(planted["task"])
-    for num_proc, unit in ((1, 1 << 20), (2, 700)):  # small units: documents cross unit boundaries too
+    manifest = json.loads((planted["data"] / "manifest.json").read_text())
+    stream = np.concatenate([np.fromfile(planted["data"] / e["file"], dtype=manifest["dtype"], offset=64)
+                             for e in manifest["splits"]["train"]["shards"]])
+    second = int(np.flatnonzero(stream == manifest["tokenizer"]["eot_id"])[0]) + 1  # where document 1 starts
+    # small units: documents cross unit boundaries, and (the last) a unit starts exactly at a document
+    for num_proc, unit in ((1, 1 << 20), (2, 700), (2, second)):
         report, dirty = C.check(str(planted["data"]), [task], num_proc=num_proc, progress=False, unit_tokens=unit)
         t = report["tasks"]["planted"]
         assert t["dirty_indices"] == sorted(expected), num_proc
