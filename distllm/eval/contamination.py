@@ -11,7 +11,7 @@ What is checked is what the model trained on: the train split of the prepared sh
 byte-level and lossless; documents are split at ``<|endoftext|>``). The evaluation side is small and
 goes into a table of hashed n-grams; the corpus streams past it, never the other way round:
 
-* the token stream is cut into units of ``UNIT_TOKENS``; a unit scans the documents that start in it
+* the token stream is cut into units of ``UNIT_TOKENS`` (256k); a unit scans the documents that start in it
   (reading on past its end to finish the last one), so memory is one unit plus the table, whatever
   the corpus size; units run in worker processes (``num_proc``), in stream order, shard by shard;
 * a unit turns its tokens into UTF-8 bytes with two numpy gathers (``tokenizer.token_bytes`` as a table),
@@ -34,6 +34,7 @@ import json
 import os
 import re
 import string
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,8 +47,9 @@ from distllm.errors import ConfigError, DataError
 from distllm.eval.tasks import Task
 
 DEFAULT_N = 13
-UNIT_TOKENS = 1 << 20
-"""Tokens of the stream per unit of work (a worker holds about 20 bytes per token of a unit at once)."""
+UNIT_TOKENS = 1 << 18
+"""Tokens of the stream per unit of work (a worker holds about 20 bytes per token of a unit at once;
+small units keep the processes evenly busy)."""
 HITS_PER_ITEM = 3
 EXCERPT_CHARS = 60
 """Characters of training text shown on each side of a hit."""
@@ -58,8 +60,9 @@ _LOWER = np.arange(256, dtype=np.uint8)
 _LOWER[ord("A") : ord("Z") + 1] += 32
 _KEEP = np.ones(256, dtype=bool)
 _KEEP[np.frombuffer(string.punctuation.encode(), dtype=np.uint8)] = False
+_PUNCTUATION_BYTES = string.punctuation.encode()
 _SEPARATOR = b"\x00"  # stands for <|endoftext|> while a unit's text is normalized as one string
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the rolling hash h_k = h_{k-1} * M + word hash
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the rolling hash h_k = h_{k-1} * M + word hash (mod 2**64)
 
 
 def normalize_bytes(data: np.ndarray) -> bytes:
@@ -131,32 +134,30 @@ def _hash_words(words: list[bytes]) -> np.ndarray:
     return np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
 
 
-def _gram_hash(words: tuple[bytes, ...]) -> int:
-    h = np.uint64(0)
+def _gram_hashes(grams: list[tuple[bytes, ...]]) -> np.ndarray:
+    """(len(grams),) uint64: each gram's rolling hash, the value ``_match`` computes for its words."""
+    out = np.zeros(len(grams), dtype=np.uint64)
+    by_length: dict[int, list[int]] = {}
+    for gid, gram in enumerate(grams):
+        by_length.setdefault(len(gram), []).append(gid)
     with np.errstate(over="ignore"):
-        for w in _hash_words(list(words)):
-            h = h * _MULTIPLIER + w
-    return int(h)
+        for k, ids in by_length.items():
+            words = _hash_words([w for gid in ids for w in grams[gid]]).reshape(len(ids), k)  # (m, k)
+            h = np.zeros(len(ids), dtype=np.uint64)
+            for j in range(k):
+                h = h * _MULTIPLIER + words[:, j]
+            out[ids] = h
+    return out
 
 
-def _init_scan(data_dir: str, storage: dict, probe: Probe, verify: bool) -> None:
-    """Per process: the shards, the token -> bytes table, the hashed gram table and its filter."""
-    from distllm.data.loader import TokenShards
-    from distllm.tokenizer import load_tokenizer, token_bytes
+def _decoding_tables(tokenizer_path) -> dict:
+    """The token -> bytes pieces (``<|endoftext|>`` -> the separator word) and, when every token is at
+    most ``MAX_TABLE_WIDTH`` bytes, the same as a (vocab, width) byte table with its valid mask."""
+    from distllm.tokenizer import eot_id, load_tokenizer, token_bytes
 
-    shards = TokenShards(data_dir, "train", verify=verify, storage=storage)
-    pieces = token_bytes(load_tokenizer(shards.tokenizer_path))
-    pieces[shards.eot_id] = b" " + _SEPARATOR + b" "
-    table: dict[int, list[int]] = {}
-    for gid, gram in enumerate(probe.grams):
-        table.setdefault(_gram_hash(gram), []).append(gid)
-    bits = np.zeros(1 << FILTER_BITS, dtype=bool)
-    if table:
-        bits[np.array(list(table), dtype=np.uint64) & np.uint64((1 << FILTER_BITS) - 1)] = True
-    gram_items: dict[int, list[int]] = {}
-    for i, gids in enumerate(probe.item_grams):
-        for g in gids.tolist():
-            gram_items.setdefault(g, []).append(i)
+    tok = load_tokenizer(tokenizer_path)
+    pieces = token_bytes(tok)
+    pieces[eot_id(tok)] = b" " + _SEPARATOR + b" "
     width = max(len(p) for p in pieces)
     rows = valid = None
     if width <= MAX_TABLE_WIDTH:
@@ -165,7 +166,25 @@ def _init_scan(data_dir: str, storage: dict, probe: Probe, verify: bool) -> None
         for i, p in enumerate(pieces):
             rows[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
             valid[i, : len(p)] = True
-    _state.update(shards=shards, pieces=pieces, rows=rows, valid=valid, table=table, bits=bits, probe=probe, gram_items=gram_items,
+    return {"pieces": pieces, "rows": rows, "valid": valid}
+
+
+def _init_scan(data_dir: str, storage: dict, probe: Probe, verify: bool, tables: dict, gram_items: dict,
+               shards=None) -> None:
+    """Per process: the shards (the main process's, inherited by a forked worker, or opened anew), and
+    the hashed gram table with its filter (the hashes are Python's ``hash``, salted per interpreter, so
+    each process makes its own); ``tables`` and ``gram_items`` come made by the main process."""
+    from distllm.data.loader import TokenShards
+
+    if shards is None:
+        shards = TokenShards(data_dir, "train", verify=verify, storage=storage)
+    table: dict[int, list[int]] = {}
+    for gid, h in enumerate(_gram_hashes(probe.grams).tolist()):
+        table.setdefault(h, []).append(gid)
+    bits = np.zeros(1 << FILTER_BITS, dtype=bool)
+    if table:
+        bits[np.array(list(table), dtype=np.uint64) & np.uint64((1 << FILTER_BITS) - 1)] = True
+    _state.update(shards=shards, **tables, table=table, bits=bits, probe=probe, gram_items=gram_items,
                   lengths_in_use=probe.lengths, separator=hash(_SEPARATOR))
 
 
@@ -248,23 +267,30 @@ def _scan_by_document(result, tokens, first, doc_starts, ends) -> dict:
     return result
 
 
-def _match(words: list[str], hashes: np.ndarray, sep_before: np.ndarray) -> list[tuple[int, int, int]]:
+def _match(words: list[bytes], hashes: np.ndarray, sep_before: np.ndarray) -> list[tuple[int, int, int]]:
     """(gram id, first word, length) of every occurrence of a table gram inside one document."""
     s = _state
     table, bits, grams = s["table"], s["bits"], s["probe"].grams
     mask = np.uint64((1 << FILTER_BITS) - 1)
     out = []
-    acc = hashes.copy()
     wanted = set(s["lengths_in_use"])
     n = max(wanted, default=0)
+    acc = hashes.copy()  # acc[i] = hash of the k words from i (k = 1, 2, ...), updated in place
+    slot = np.empty_like(acc)
     with np.errstate(over="ignore"):
-        for k in range(1, n + 1):
+        for k in range(1, min(n, len(hashes)) + 1):
             if k > 1:
-                acc = acc[:-1] * _MULTIPLIER + hashes[k - 1 :]
-            if k not in wanted or not acc.size:
+                acc = acc[:-1]
+                np.multiply(acc, _MULTIPLIER, out=acc)
+                np.add(acc, hashes[k - 1 :], out=acc)
+            if k not in wanted:
                 continue
-            inside = sep_before[k : k + len(acc)] - sep_before[: len(acc)] == 0  # no separator among the k words
-            for i in np.flatnonzero(bits[acc & mask] & inside).tolist():
+            np.bitwise_and(acc, mask, out=slot[: len(acc)])
+            candidates = np.flatnonzero(bits[slot[: len(acc)]])
+            if not candidates.size:
+                continue
+            inside = sep_before[candidates + k] - sep_before[candidates] == 0  # no separator among the k words
+            for i in candidates[inside].tolist():
                 for gid in table.get(int(acc[i]), ()):
                     if len(grams[gid]) == k and tuple(words[i : i + k]) == grams[gid]:
                         out.append((gid, i, k))
@@ -294,7 +320,7 @@ def _record(result, hits, words, bounds, tokens, first, doc_starts, ends, raw_te
 def excerpt(text: bytes, word: int, k: int) -> str:
     """The training text (UTF-8 bytes) around its normalized words [word, word + k), on one line, the
     matched words in brackets."""
-    spans = [(m.start(), m.end()) for m in re.finditer(rb"\S+", text) if normalize(m.group())]
+    spans = [m.span() for m in re.finditer(rb"\S+", text) if m.group().translate(None, _PUNCTUATION_BYTES)]
     if word + k > len(spans):
         return b" ".join(normalize(text)[word : word + k]).decode("utf-8", errors="replace")
     a, b = spans[word][0], spans[word + k - 1][1]
@@ -322,14 +348,21 @@ def check(data_dir: str, tasks: list[Task], n: int = DEFAULT_N, all_choices: boo
 
     t0 = time.perf_counter()
     probe = build_probe(tasks, n, all_choices)
-    shards = TokenShards(data_dir, "train", verify=False, storage=storage)
+    shards = TokenShards(data_dir, "train", verify=verify, storage=storage)  # only its manifest is read here
     total = shards.num_tokens
     units = [(u, a, min(a + unit_tokens, total)) for u, a in enumerate(range(0, total, unit_tokens))]
+    gram_items: dict[int, list[int]] = {}  # gram id -> the items that have it
+    for i, gids in enumerate(probe.item_grams):
+        for g in gids.tolist():
+            gram_items.setdefault(g, []).append(i)
     num_proc = num_proc or _cpu_count()
+    inherit = num_proc == 1 or len(units) <= 1 or sys.platform == "linux"  # in this process, or forked
+    init = (data_dir, storage or {}, probe, verify, _decoding_tables(shards.tokenizer_path), gram_items,
+            shards if inherit else None)
     results: dict[int, dict] = {}
     try:
         with Progress(total, "contamination", unit="tok", enabled=progress) as bar, \
-                run_tasks(scan_unit, units, num_proc, _init_scan, (data_dir, storage or {}, probe, verify)) as done:
+                run_tasks(scan_unit, units, num_proc, _init_scan, init) as done:
             for r in done:
                 results[r["unit"]] = r
                 bar.update(units[r["unit"]][2] - units[r["unit"]][1], r["text_bytes"])
