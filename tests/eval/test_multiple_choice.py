@@ -277,6 +277,21 @@ def test_eval_tasks_prints_json_writes_it_to_the_run_and_reports_bad_files(train
     written = Path(report["written_to"])
     assert written.parent == run / "eval" and json.loads(written.read_text())["tasks"] == report["tasks"]
 
+    # with a contamination report: the clean subset scored beside the full set
+    from distllm.eval import contamination
+
+    report, _ = contamination.check(str(trained["cfg"].data.dir), [load_task(trained["task"])], num_proc=1,
+                                    progress=False)
+    dirty = report["tasks"]["tiny_mc"]["dirty_indices"]
+    assert dirty  # the items are the corpus's own phrases
+    path = contamination.write_report(report, tmp_path / "contamination.json")
+    assert main(["eval", str(run), "--tasks", str(trained["task"]), "--contamination", str(path),
+                 "--out", str(tmp_path / "e.json")]) == 0
+    captured = capsys.readouterr()
+    clean = json.loads(captured.out)["tasks"]["tiny_mc"]["clean"]
+    assert clean["items"] == len(ITEMS) - len(dirty)
+    assert "clean items" in captured.err and captured.err.splitlines()[1].split()[-1] == str(len(dirty))
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b"], "label": 0}\n{"context": "a", "choices": ["b"], "label": 3}\n')
     assert main(["eval", str(run), "--tasks", str(bad)]) == 2
