@@ -70,10 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "newest committed checkpoint (--checkpoint.resume_from=null insists on a fresh run). Works "
                    "the same under torchrun, accelerate launch and Slurm (see launch/README.md).")
 
-    p = _config_parser("eval", sub, "validation loss / perplexity of a checkpoint",
-                       "Compute the validation loss and perplexity of a checkpoint on the val split of the data it "
-                       "was trained on (or data.dir if given).")
+    p = _config_parser("eval", sub, "validation loss / bits per byte, or multiple-choice accuracy, of a checkpoint",
+                       "Compute the validation loss, perplexity and bits per byte of a checkpoint on the val split of "
+                       "the data it was trained on (or data.dir if given). With --tasks, score multiple-choice task "
+                       "files (JSON lines: context, choices, label; the field names of HellaSwag, ARC, PIQA and SciQ "
+                       "work as they are) exactly as lm-evaluation-harness 0.4 does (acc, acc_norm, standard errors); "
+                       "under torchrun / accelerate launch the items are split over the processes. Prints JSON and "
+                       "writes it to RUN_DIR/eval/.")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (with a YAML run file)")
+    p.add_argument("--tasks", default=None, metavar="A.jsonl,B.jsonl", help="multiple-choice task files to score")
+    p.add_argument("--per-item", action="store_true", help="with --tasks: every choice's log-likelihood in the JSON")
+    p.add_argument("--contamination", default=None, metavar="REPORT.json",
+                   help="with --tasks: also score each task's clean subset from a `distllm contamination` report "
+                        "(printed side by side)")
+    p.add_argument("--delimiter", default=" ", help="with --tasks: text between context and choice (default: %(default)r)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="with --tasks: tokens per forward pass (default: about 512 MB of logits)")
+    p.add_argument("--out", default=None, help="with --tasks: write the JSON here instead of RUN_DIR/eval/")
+
+    p = _config_parser("contamination", sub, "check task items against the training data (GPT-3 n-gram overlap)",
+                       "Report which multiple-choice items occur in the training data: GPT-3's method (appendix C: "
+                       "lowercase, no punctuation, whitespace words; an item -- context + correct choice -- is dirty "
+                       "if any of its N-grams is in a training document, items shorter than N words whole). Streams "
+                       "the prepared train shards of data.dir (local or s3://) in worker processes (data.num_proc). "
+                       "Writes a JSON report (per task and item, with where it was found) and prints a summary; "
+                       "--decontaminate writes new shards without the contaminated documents.")
+    p.add_argument("--tasks", required=True, metavar="A.jsonl,B.jsonl", help="task files to check")
+    p.add_argument("--ngram", type=int, default=13, help="N of the N-grams (default: %(default)s)")
+    p.add_argument("--all-choices", action="store_true", help="check context + every choice, not only the correct one")
+    p.add_argument("--out", default=None, help="report path (default: RUN_DIR/contamination.json)")
+    p.add_argument("--decontaminate", default=None, metavar="OUT_DIR",
+                   help="write the shards without the contaminated documents to this new directory "
+                        "(train on it with --data.dir=OUT_DIR); data.dir is never modified")
 
     p = _config_parser("generate", sub, "generate text from a checkpoint",
                        "Sample a continuation of a prompt from a checkpoint, with a KV cache.")
@@ -230,7 +258,7 @@ def _run(args, extra: list[str], parser) -> int:
     if bad:
         raise ConfigError(f"unrecognized argument '{bad[0]}' (config overrides look like --section.key=value)")
     target = getattr(args, "checkpoint", None)
-    if args.command in ("eval", "generate") and Path(args.config).is_dir():
+    if args.command in ("eval", "generate", "contamination") and Path(args.config).is_dir():
         cfg, target = _saved_config(args.config, extra)
     else:
         cfg = load_config(args.config, extra)
@@ -253,10 +281,23 @@ def _run(args, extra: list[str], parser) -> int:
             print(f"{state}: step {result.step}, train loss {fmt(result.loss)}, val loss {fmt(result.val_loss)}, "
                   f"checkpoint {result.checkpoint}")
         return result.exit_code
+    elif args.command == "eval" and args.tasks:
+        from distllm.evaluate import run_task_eval, side_by_side
+
+        report = run_task_eval(cfg, target, args.tasks, args.per_item, args.contamination, args.delimiter,
+                               args.batch_tokens, args.out)
+        if report.get("written_to"):  # the main process
+            print(json.dumps(report, indent=2))
+            if args.contamination:
+                print(side_by_side(report), file=sys.stderr)
     elif args.command == "eval":
         from distllm.evaluate import run_eval
 
         print(json.dumps(run_eval(cfg, target), indent=2))
+    elif args.command == "contamination":
+        from distllm.eval.contamination import run_contamination
+
+        run_contamination(cfg, args.tasks, args.ngram, args.all_choices, args.out, args.decontaminate)
     elif args.command == "generate":
         from distllm.generate import run_generate
 

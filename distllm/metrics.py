@@ -2,10 +2,11 @@
 
 ``metrics.jsonl`` holds one JSON object per line. Training records have at least ``step``,
 ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` and ``mfu``; validation records have
-``step``, ``val_loss`` and ``val_ppl``. Scripts and ``distllm plot`` read these names.
-``MetricsLogger`` is the one fan-out point: the trackers of ``logging.trackers`` (TensorBoard,
-W&B, MLflow; ``distllm.trackers``) get each record's numeric values at its ``step``. Only the
-main process writes.
+``step``, ``val_loss``, ``val_ppl`` and ``val_bpb`` (bits per byte); task records have ``step`` and
+``eval/<task>/acc``, ``eval/<task>/acc_norm`` and their ``..._stderr``. Scripts and ``distllm plot`` read
+these names. ``MetricsLogger`` is the one fan-out point: the trackers of ``logging.trackers``
+(TensorBoard, W&B, MLflow; ``distllm.trackers``) get each record's numeric values at its ``step``. Only
+the main process writes.
 """
 
 from __future__ import annotations
@@ -177,7 +178,11 @@ class MetricsLogger:
 
 def format_record(r: dict) -> str:
     if "val_loss" in r:
-        return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+        bpb = f" | val_bpb {r['val_bpb']:.4f}" if r.get("val_bpb") is not None else ""
+        return f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}{bpb}"
+    if any(k.startswith("eval/") for k in r):
+        return f"step {r['step']:>6} | " + " | ".join(
+            f"{k[5:]} {v:.4f}" for k, v in r.items() if k.startswith("eval/") and k.endswith(("/acc", "/acc_norm")))
     if r.get("event") == "resume":  # written by a resumed run; `distllm plot` marks it
         return f"step {r['step']:>6} | resumed from {r.get('checkpoint')}"
     if "event" in r:

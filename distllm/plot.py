@@ -1,4 +1,5 @@
-"""``distllm plot RUN_DIR``: loss, validation, learning rate and throughput curves as one PNG.
+"""``distllm plot RUN_DIR``: loss, validation (perplexity, bits per byte), learning rate, throughput and,
+when the run scored tasks (``eval/<task>/acc`` records), downstream accuracy curves as one PNG.
 
 A run that was resumed has a ``{"step": N, "event": "resume", "checkpoint": ...}`` record in its
 ``metrics.jsonl`` for each resume; every panel marks those steps with a dashed vertical line.
@@ -47,7 +48,9 @@ def draw(records: list[dict], title: str):
     if not train and not val:
         return None
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    tasks = eval_series(records)
+    rows = 3 if tasks else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.5 * rows), constrained_layout=True, squeeze=False)
     ax = axes[0, 0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
@@ -60,6 +63,11 @@ def draw(records: list[dict], title: str):
         ax.plot([r["step"] for r in val], [r["val_ppl"] for r in val], "o-", color="C1")
         ax.set_yscale("log")
     ax.set(title="validation perplexity", xlabel="step", ylabel="perplexity")
+    bpb = [r for r in val if r.get("val_bpb") is not None]
+    if bpb:
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "s--", color="C5", alpha=0.7)
+        twin.set_ylabel("bits per byte")
 
     ax = axes[1, 0]
     ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="C2")
@@ -73,6 +81,15 @@ def draw(records: list[dict], title: str):
     mfu.plot([r["step"] for r in known], [100 * r["mfu"] for r in known], color="C4", alpha=0.5)
     mfu.set_ylabel("MFU (%)")
 
+    if tasks:
+        for ax, metric in zip(axes[2], ("acc_norm", "acc")):
+            for k, (task, series) in enumerate(sorted(tasks.items())):
+                points = series.get(metric, [])
+                if points:
+                    ax.plot([s for s, _ in points], [v for _, v in points], "o-", color=f"C{k}", label=task)
+            ax.set(title=f"tasks: {metric}", xlabel="step", ylabel=metric)
+            ax.legend(fontsize="small")
+
     for ax in axes.flat:
         for i, step in enumerate(resume_steps(records)):
             ax.axvline(step, color="0.5", linestyle="--", linewidth=1, gid=RESUME, label="resumed" if i == 0 else None)
@@ -80,3 +97,15 @@ def draw(records: list[dict], title: str):
     axes[0, 0].legend()
     fig.suptitle(title)
     return fig
+
+
+def eval_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{task: {"acc": [(step, value), ...], "acc_norm": [...]}} from ``eval/<task>/<metric>`` records."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and isinstance(value, (int, float)):
+                task, _, metric = key[len("eval/"):].rpartition("/")
+                if task and metric in ("acc", "acc_norm"):
+                    out.setdefault(task, {}).setdefault(metric, []).append((r["step"], float(value)))
+    return out

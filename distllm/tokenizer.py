@@ -138,3 +138,52 @@ def split_long(text: str, max_chars: int) -> list[str]:
         start = cut
     parts.append(text[start:])
     return parts
+
+
+# --------------------------------------------------------------------------- bytes of tokens
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level pre-tokenizer's character for each byte (GPT-2's table), inverted: char -> byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to code points
+    256, 257, ... in byte order, so every vocabulary string is made of visible characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return {c: b for b, c in chars.items()}
+
+
+def token_bytes(tok: Tokenizer) -> list[bytes]:
+    """The UTF-8 bytes each token id stands for (index = id); special tokens (``<|endoftext|>``) stand for none.
+
+    Exact for a byte-level BPE (what ``train_tokenizer`` makes, and GPT-2-style tokenizer.json files):
+    concatenating the bytes of a document's tokens gives the document's UTF-8 text. Other tokenizers
+    get each token decoded on its own, which is approximate where a token holds part of a character.
+    """
+    spec = json.loads(tok.to_str())
+    specials = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+    vocab = tok.get_vocab(with_added_tokens=True)  # str -> id
+    out = [b""] * tok.get_vocab_size(with_added_tokens=True)
+    byte_level = (spec.get("model") or {}).get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    alphabet = _byte_level_alphabet() if byte_level else None
+    for text, i in vocab.items():
+        if i in specials:
+            continue
+        if alphabet is not None and all(c in alphabet for c in text):
+            out[i] = bytes(alphabet[c] for c in text)
+        else:
+            out[i] = tok.decode([i], skip_special_tokens=False).encode("utf-8")
+    return out
+
+
+def token_byte_lengths(tok: Tokenizer) -> "numpy.ndarray":
+    """(vocab,) int64: UTF-8 bytes per token id (0 for special tokens), for bits per byte."""
+    import numpy as np
+
+    return np.array([len(b) for b in token_bytes(tok)], dtype=np.int64)

@@ -35,8 +35,8 @@ from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
 from distllm.errors import ConfigError, UserError
-from distllm.evaluate import ValidationSet, validation_loss
-from distllm.metrics import MetricsLogger, perplexity
+from distllm.evaluate import ValidationSet, validation_metrics
+from distllm.metrics import MetricsLogger
 from distllm.model import Transformer, count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
 from distllm.objectives import Objective, counted_tokens, next_token_objective
@@ -122,9 +122,9 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         return path
 
     def evaluate(at_step: int) -> float:
-        loss = validation_loss(model, val, rt.device, rt)
-        log.log({"step": at_step, "val_loss": loss, "val_ppl": perplexity(loss)})
-        return loss
+        metrics = validation_metrics(model, val, rt.device, rt)  # val_loss, val_ppl, val_bpb
+        log.log({"step": at_step, **metrics})
+        return metrics["val_loss"]
 
     # ---- the loop
     model.train()
@@ -210,7 +210,7 @@ def build_data(cfg: Config, rt, cleanup: contextlib.ExitStack):
     cleanup.callback(val_split.close)
     val = ValidationSet(val_split, cfg.data.seq_len,
                         validation_micro_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size),
-                        cfg.train.eval_batches, rt.rank, rt.world_size)
+                        cfg.train.eval_batches, rt.rank, rt.world_size, cfg.data.document_mask)
     return loader, val, val_split.tokenizer_path  # the tokenizer: copied into every checkpoint
 
 

@@ -130,6 +130,20 @@ class TokenShards:
     def num_shards(self) -> int:
         return len(self._entries)
 
+    @property
+    def shard_files(self) -> list[str]:
+        """File names of the split's shards, in stream order."""
+        return [e["file"] for e in self._entries]
+
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """(num_shards + 1,) stream offset of each shard's first token; the last entry is the total."""
+        return self._starts
+
+    def local_file(self, name: str) -> Path:
+        """Local path of a file of the data directory (fetched into the cache for object storage)."""
+        return self._local_file(name)
+
     # ---- file access: the one place that turns a file of the data directory into a local path
     def _local_file(self, name: str, entry: Optional[dict] = None) -> Path:
         """Local path of file ``name`` of the data directory; ``entry`` is a shard's manifest entry (its
