@@ -182,8 +182,8 @@ def token_bytes(tok: Tokenizer) -> list[bytes]:
     return out
 
 
-def token_byte_lengths(tok: Tokenizer) -> "numpy.ndarray":
-    """(vocab,) int64: UTF-8 bytes per token id (0 for special tokens), for bits per byte."""
+def token_byte_lengths(tok: Tokenizer):
+    """(vocab,) int64 numpy array: UTF-8 bytes per token id (0 for special tokens), for bits per byte."""
     import numpy as np
 
     return np.array([len(b) for b in token_bytes(tok)], dtype=np.int64)
