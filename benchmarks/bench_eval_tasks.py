@@ -57,6 +57,7 @@ def main() -> None:
     from distllm.eval import multiple_choice as mc
     from distllm.eval.tasks import load_task, write_lm_eval_task
     from distllm.export import export
+    from distllm.model import Transformer
     from distllm.tokenizer import load_tokenizer
 
     ckpt = checkpoint.locate(args.run)
@@ -70,7 +71,7 @@ def main() -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         task = load_task(path)
         tok = load_tokenizer(ckpt / "tokenizer.json")
-        model = from_dict({"model": state["config"]["model"]}).model.build()
+        model = Transformer(from_dict({"model": state["config"]["model"]}).model)
         checkpoint.load_weights(ckpt, model)
         model.eval()
 

@@ -165,6 +165,10 @@ class TrainConfig:
     """Validation every this many steps (0 = only at the end)."""
     eval_batches: int = 20
     """Validation micro-batches of ``micro_batch_size`` (the same samples for any number of processes)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Multiple-choice task files (JSONL; HellaSwag / ARC / PIQA / SciQ field names) scored with the validation
+    loss at every ``eval_every`` and at the end, as lm-evaluation-harness 0.4 scores them: ``eval/<task>/acc``,
+    ``eval/<task>/acc_norm`` (and their standard errors) in metrics.jsonl, the trackers and ``distllm plot``."""
     exit_at_step: Optional[int] = None
     """Save a checkpoint and exit 0 when the global step reaches this (the schedule still follows
     max_steps): time-boxed jobs continue with the same command."""
@@ -561,6 +565,8 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
     if d.offload_params != "none" and d.zero_stage not in (None, 3):
         problems.append(f"distributed.offload_params needs ZeRO stage 3, but distributed.zero_stage is {d.zero_stage}")
     checks = [lambda: check_resume_spec(cfg.checkpoint.resume_from), lambda: check_run_dir(cfg.run.dir)]
+    problems.extend(f"train.eval_tasks names {p!r}, which is not a file" for p in cfg.train.eval_tasks
+                    if not Path(p).is_file())
     if cfg.train.time_limit is not None:
         checks.append(lambda: parse_duration(cfg.train.time_limit, "train.time_limit"))
     for check in checks:

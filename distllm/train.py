@@ -35,6 +35,8 @@ from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
 from distllm.errors import ConfigError, UserError
+from distllm.eval.multiple_choice import score_tasks
+from distllm.eval.tasks import load_tasks
 from distllm.evaluate import ValidationSet, validation_metrics
 from distllm.metrics import MetricsLogger
 from distllm.model import Transformer, count_params, flops_per_token
@@ -42,6 +44,7 @@ from distllm.model.flops import mfu, peak_flops
 from distllm.objectives import Objective, counted_tokens, next_token_objective
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
+from distllm.tokenizer import load_tokenizer
 
 
 class NonFiniteLossError(UserError):
@@ -121,9 +124,14 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         log.print(f"saved checkpoint {path} ({saver.seconds:.1f} s)")
         return path
 
+    tasks = load_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []  # a bad line is an error now
+    tokenizer = load_tokenizer(tokenizer_file) if tasks else None
+
     def evaluate(at_step: int) -> float:
         metrics = validation_metrics(model, val, rt.device, rt)  # val_loss, val_ppl, val_bpb
         log.log({"step": at_step, **metrics})
+        if tasks:  # every rank scores its share of the items; eval/<task>/acc, acc_norm and their stderr
+            log.log({"step": at_step, **score_tasks(model, tasks, tokenizer, rt, rt.device)})
         return metrics["val_loss"]
 
     # ---- the loop

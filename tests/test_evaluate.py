@@ -12,6 +12,7 @@ from distllm.config import ModelConfig
 from distllm.data.loader import TokenShards
 from distllm.data.packing import document_ids
 from distllm.evaluate import ValidationSet, validation_metrics
+from distllm.model import Transformer
 from distllm.tokenizer import load_tokenizer
 
 SEQ = 32
@@ -21,7 +22,7 @@ SEQ = 32
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, n_layers=2, n_heads=2, d_model=64, max_seq_len=64, init_std=0.3)  # peaked
-    return cfg.build().eval()
+    return Transformer(cfg).eval()
 
 
 def test_bits_per_byte_is_the_loss_over_ln2_times_bytes_per_token(model, prepared_data):

@@ -17,6 +17,7 @@ from distllm.config import from_dict
 from distllm.errors import DataError
 from distllm.eval import multiple_choice as mc
 from distllm.eval.tasks import Item, Task, load_task, write_lm_eval_task
+from distllm.model import Transformer
 from distllm.tokenizer import eot_id, load_tokenizer
 
 MAX_LEN = 64  # the tiny model's context: the long items below need lm-eval's left truncation
@@ -70,7 +71,7 @@ def distllm_model(ckpt: Path):
     from distllm import checkpoint
 
     state = checkpoint.read_state(ckpt)
-    model = from_dict({"model": state["config"]["model"]}).model.build()
+    model = Transformer(from_dict({"model": state["config"]["model"]}).model)
     checkpoint.load_weights(ckpt, model)
     return model.eval()
 
@@ -208,7 +209,7 @@ cfg = from_dict(json.loads(sys.argv[1]))
 rt = distributed.setup(cfg)
 torch.manual_seed(cfg.train.seed)
 with rt.init_context():  # ZeRO-3: every parameter partitioned as it is made
-    model = cfg.model.build()
+    model = Transformer(cfg.model)
 optimizer = build_optimizer(model, cfg.optim, rt.device.type)
 model, optimizer = rt.parallelize(model, optimizer, cfg.train)
 model.train()
@@ -256,7 +257,7 @@ def test_one_and_two_processes_and_zero3_give_the_same_scores(trained, tmp_path)
     zero3 = json.loads(out.read_text())
     assert zero3["engine"] == "DeepSpeed ZeRO-3"
     torch.manual_seed(cfg.train.seed)
-    ref = mc.score(cfg.model.build().eval(), [task], tok, per_item=True, batch_tokens=48)["tasks"]["tiny_mc"]
+    ref = mc.score(Transformer(cfg.model).eval(), [task], tok, per_item=True, batch_tokens=48)["tasks"]["tiny_mc"]
     got = zero3["result"]["tasks"]["tiny_mc"]
     assert (got["acc"], got["acc_norm"]) == (ref["acc"], ref["acc_norm"])
     for a, b in zip(got["per_item"], ref["per_item"]):
@@ -304,7 +305,7 @@ def test_the_projection_of_unscored_positions_is_skipped_or_falls_back(prepared_
     from distllm.config import ModelConfig
 
     torch.manual_seed(0)
-    model = ModelConfig(vocab_size=512, n_layers=1, n_heads=2, d_model=32, max_seq_len=MAX_LEN).build().eval()
+    model = Transformer(ModelConfig(vocab_size=512, n_layers=1, n_heads=2, d_model=32, max_seq_len=MAX_LEN)).eval()
     calls = []
     model.lm_head.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
 
@@ -333,3 +334,23 @@ def test_the_projection_of_unscored_positions_is_skipped_or_falls_back(prepared_
     b = mc.score(Plain(model), [task], tok, per_item=True)["tasks"]["t"]["per_item"]
     for x, y in zip(a, b):
         assert x["loglikelihoods"] == pytest.approx(y["loglikelihoods"], abs=1e-5)
+
+
+def test_tasks_are_scored_in_the_training_loop(tiny_config, tmp_path):
+    """train.eval_tasks: the tasks are scored with every validation (step 0, each eval_every, the end) and
+    logged as eval/<task>/...; the last record equals `distllm eval --tasks` on the final checkpoint."""
+    from distllm.train import train
+
+    cfg = tiny_config
+    cfg.train.max_steps, cfg.train.eval_every = 4, 2
+    cfg.train.eval_tasks = [str(write_task(tmp_path / "tiny_mc.jsonl"))]
+    result = train(cfg)
+    records = [json.loads(x) for x in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval/tiny_mc/acc_norm" in r]
+    assert [r["step"] for r in scored] == [0, 2, 4]
+    assert all({"eval/tiny_mc/acc", "eval/tiny_mc/acc_stderr", "eval/tiny_mc/acc_norm_stderr"} <= r.keys()
+               for r in scored)
+    tok = load_tokenizer(Path(cfg.data.dir) / "tokenizer.json")
+    model = distllm_model(result.checkpoint)
+    final = mc.score(model, [load_task(cfg.train.eval_tasks[0])], tok)["tasks"]["tiny_mc"]
+    assert scored[-1]["eval/tiny_mc/acc"] == final["acc"] and scored[-1]["eval/tiny_mc/acc_norm"] == final["acc_norm"]
