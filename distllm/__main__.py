@@ -38,6 +38,9 @@ def _config_parser(name: str, sub, help: str, description: str) -> argparse.Argu
 LIBRARY_WARNINGS = [
     (FutureWarning, r"torch\.distributed\.c10d_logger",
      r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    # torch 2.13's DDP, raised where Accelerate wraps the model: distllm passes broadcast_buffers=False on
+    # purpose (the RoPE tables are constants) and Accelerate's kwargs have no forward_sync_buffers yet
+    (FutureWarning, r"accelerate\.accelerator", r"`broadcast_buffers` is deprecated"),
 ]
 
 

@@ -240,6 +240,32 @@ def resolve_precision(cfg: TrainConfig, device_type: str) -> str:
     return precision
 
 
+@contextlib.contextmanager
+def debug_checks():
+    """``train.debug``'s checks for the duration of a run, then everything as it was (a notebook or a test
+    that runs a debug run and then a real one in the same process must not keep paying for them):
+    synchronous CUDA errors at the op that caused them, deterministic cuBLAS and algorithms, autograd's
+    anomaly detection (the op whose backward produced a NaN)."""
+    env = {"CUDA_LAUNCH_BLOCKING": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    anomaly, deterministic = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.autograd.set_detect_anomaly(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def setup(cfg: Config) -> Runtime:
     """Read the launch environment, validate the config against it, and start the process group."""
     from accelerate import Accelerator
@@ -251,9 +277,6 @@ def setup(cfg: Config) -> Runtime:
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by Accelerate) would probe for GPUs
         hostmem.set_mmap_threshold()  # before the model is built: freed tensors leave the RSS
-    if t.debug:
-        os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")  # CUDA errors at the op that caused them
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     world_size = launcher_world_size()
     cfg.validate(world_size=world_size)  # before any process group exists: a bad config never hangs a job
     if t.debug and world_size > 1:
@@ -283,9 +306,6 @@ def setup(cfg: Config) -> Runtime:
         rank, world = accelerator.process_index, accelerator.num_processes
     if world != world_size:
         raise ConfigError(f"the launcher says WORLD_SIZE={world_size} but the process group has {world} processes")
-    if t.debug:
-        torch.autograd.set_detect_anomaly(True)
-        torch.use_deterministic_algorithms(True, warn_only=True)
     return Runtime(accelerator, accelerator.device, precision, rank, world, plan, zero_stage, ds_config)
 
 

@@ -73,6 +73,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
     if cfg.train.debug:
         cfg = debug_config(cfg)
+        cleanup.enter_context(distributed.debug_checks())
     rt = distributed.setup(cfg)
     run_dir = Path(cfg.run.dir) / "debug" if cfg.train.debug else Path(cfg.run.dir)
     resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))

@@ -112,7 +112,8 @@ def test_a_dead_process_ends_the_other_node(dist_runs):
 
 @pytest.mark.parametrize("overrides,message", [
     (["--train.global_batch_size=6"],
-     "train.global_batch_size (6) must be divisible by train.micro_batch_size x processes (4 x 2 = 8)"),
+     "train.global_batch_size (6) must be divisible by train.micro_batch_size x processes (4 x 2 = 8); change "
+     "one, or leave train.micro_batch_size unset (null) to derive it"),
     (["--distributed.deepspeed_config={ds}"],
      "sets gradient_accumulation_steps = 3, but the distllm config gives 4"),
 ])

@@ -119,7 +119,7 @@ def test_training_progress(tmp_path, monkeypatch, capsys, terminal, tty):
     """MetricsLogger's progress: a bar on a terminal; in a log only plain lines, and its metric lines on stdout."""
     if tty:
         monkeypatch.setattr(sys, "stderr", terminal.stream)
-    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, progress=True, total_steps=3)
+    log = MetricsLogger(tmp_path, enabled=True, progress=True, total_steps=3)
     for step in (1, 2, 3):
         log.advance()
         log.print(f"line {step}")
