@@ -202,6 +202,7 @@ from distllm import distributed
 from distllm.config import from_dict
 from distllm.eval.multiple_choice import score, score_tasks
 from distllm.eval.tasks import load_tasks
+from distllm.model import Transformer
 from distllm.optim import build_optimizer
 from distllm.tokenizer import load_tokenizer
 
