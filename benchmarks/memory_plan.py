@@ -12,15 +12,17 @@ Precision as ``distllm train`` runs bf16 on GPUs: DDP keeps fp32 weights under b
 DeepSpeed keeps bf16 weights and an fp32 master copy (``bf16.enabled``).
 
     state                   weights      gradients     optimizer (fp32 master + AdamW m, v)  buffers
-    DDP (autocast)          4N + 2N*     4N + 4N**     8N                                     -
-    ZeRO-1 (bf16)           2N           2N            (4 + 8) N / W                          2 x 2B (reduce, all-gather)
+    DDP (autocast)          4N + 2N*     4N**          8N                                     -
+    ZeRO-1 (bf16)           2N           2N + 4N***    (4 + 8) N / W                          2 x 2B (reduce, all-gather)
     ZeRO-2 (bf16)           2N           2N / W        (4 + 8) N / W                          2 x 2B
     ZeRO-3 (bf16)           2N / W       2N / W        (4 + 8) N / W                          2 x 2B (live + prefetched params)
-    + every ZeRO stage: an fp32 copy of the gradient partition for the optimizer step, 4N / W
+    + ZeRO-2 and ZeRO-3: the fp32 gradient partition the micro-batches accumulate into, 4N / W
 
-    *  autocast's bf16 copies of the weights, made in the forward pass and held for the backward
-    ** DDP's gradient buckets, a second copy of the gradients (Accelerate's default
-       gradient_as_bucket_view=False; 0 with True, and 0 on one GPU, where nothing is wrapped)
+    *   autocast's bf16 copies of the weights, made in the forward pass and held for the backward
+    **  the gradients live in DDP's all-reduce buckets (distllm sets gradient_as_bucket_view=True): no
+        second copy (Accelerate's default would add 4N)
+    *** distllm accumulates bf16 gradients in fp32 (``data_types.grad_accum_dtype``); for ZeRO-1 DeepSpeed
+        0.19 then runs its BF16_Optimizer, which accumulates into a whole (unpartitioned) fp32 buffer
 
 Activations (bf16 autocast, flash or FlexAttention: no T^2 term), what each transformer block saves
 for its backward, per token (d = d_model, h = SwiGLU width, nh / nkv = query / key-value heads,
@@ -92,14 +94,13 @@ def plan(cfg, engine: str, world: int, checkpointing: bool, micro_batch: int | N
         acts = t * m.n_layers * a
     chunk = max(1024, math.ceil(t / 8))
     loss = min(chunk, t) * m.vocab_size * 8 + m.vocab_size * m.d_model * 8 + t * m.d_model * 8
-    if engine == "DDP":
-        buckets = 4 * n if world > 1 else 0
-        return Plan(weights=6 * n, grads=4 * n + buckets, optimizer=8 * n, buffers=0, activations=acts, loss=loss)
+    if engine == "DDP":  # gradients are views of the all-reduce buckets: no second copy
+        return Plan(weights=6 * n, grads=4 * n, optimizer=8 * n, buffers=0, activations=acts, loss=loss)
     bucket = bucket_elements(cfg)
     shard = n / world
     weights = 2 * n if engine in ("ZeRO-1", "ZeRO-2") else 2 * shard
-    grads = 2 * n if engine == "ZeRO-1" else 2 * shard
-    return Plan(weights=weights, grads=grads + 4 * shard, optimizer=12 * shard, buffers=2 * 2 * bucket,
+    grads = 2 * n + 4 * n if engine == "ZeRO-1" else 2 * shard + 4 * shard  # bf16 grads + fp32 accumulation
+    return Plan(weights=weights, grads=grads, optimizer=12 * shard, buffers=2 * 2 * bucket,
                 activations=acts, loss=loss)
 
 

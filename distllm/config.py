@@ -200,6 +200,10 @@ class DistributedConfig:
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON merged under distllm's values; a batch size, accumulation, clipping or precision
     in it that disagrees with this config is an error."""
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    """DeepSpeed under bf16: the dtype gradients accumulate in over micro-batches (``data_types.grad_accum_dtype``).
+    fp32 matches DDP under autocast; for ZeRO-1 it costs a whole fp32 gradient (DeepSpeed's BF16_Optimizer),
+    4 bytes per parameter (docs/scaling.md); bf16 gives that back at bf16's precision."""
     bucket_elements: Optional[int] = None
     """ZeRO communication bucket size in elements (None = sized from the model, at most DeepSpeed's 5e8)."""
     timeout_s: float = 600.0

@@ -437,9 +437,9 @@ def build_deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, stage: 
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
-        # gradients accumulate over micro-batches in fp32, as under DDP with autocast (DeepSpeed's default is
-        # the model dtype: bf16); 0.19 honours it in every stage (ZeRO-1 through its BF16_Optimizer)
-        "data_types": {"grad_accum_dtype": "fp32"},
+        # gradients accumulate over micro-batches in fp32 by default, as under DDP with autocast (DeepSpeed's
+        # default is the model dtype: bf16); 0.19 honours it in every stage (ZeRO-1 through its BF16_Optimizer)
+        "data_types": {"grad_accum_dtype": cfg.distributed.grad_accum_dtype},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # distllm's AdamW (torch's fused kernel)
         "zero_force_ds_cpu_optimizer": False,

@@ -38,5 +38,6 @@ def test_sharding_divides_the_state_by_the_number_of_gpus():
     assert eight.weights * 8 == one.weights == 2 * n and eight.optimizer * 8 == one.optimizer == 12 * n
     assert memory_plan.plan(cfg, "ZeRO-1", 8, True).weights == 2 * n  # only ZeRO-3 shards the weights
     ddp = memory_plan.plan(cfg, "DDP", 8, False)
-    assert ddp.weights + ddp.grads + ddp.optimizer == 22 * n  # fp32 + autocast copies + DDP buckets + AdamW
+    assert ddp.weights + ddp.grads + ddp.optimizer == 18 * n  # fp32 + autocast copies + gradients (bucket views) + AdamW
+    assert memory_plan.plan(cfg, "ZeRO-1", 8, False).grads == 6 * n  # bf16 gradients + the whole fp32 accumulation
     assert ddp.activations == 2 * 4096 * 32 * memory_plan.activation_bytes_per_token_layer(cfg.model)
