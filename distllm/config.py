@@ -40,6 +40,10 @@ from distllm.redact import redact
 class RunConfig:
     dir: str = "runs/debug"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    lock_stale_minutes: float = 10.0
+    """``train`` holds ``run.dir/run.lock`` while it runs (a second run there is refused). A lock whose holder
+    the OS lock cannot vouch for (another host, on a filesystem without cross-node flock) is taken over once
+    its heartbeat is this old; see distllm/run_lock.py."""
 
 
 @dataclass
@@ -475,6 +479,7 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
     problems: list[str] = []
     positive = {
         "data.seq_len": cfg.data.seq_len,
+        "run.lock_stale_minutes": cfg.run.lock_stale_minutes,
         **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
         "data.shard_tokens": cfg.data.shard_tokens,
         "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import random
 import shutil
@@ -44,7 +45,11 @@ from distllm.model.flops import mfu, peak_flops
 from distllm.objectives import Objective, counted_tokens, next_token_objective
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
+from distllm.run_lock import RunLock
 from distllm.tokenizer import load_tokenizer
+
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -76,6 +81,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         cleanup.enter_context(distributed.debug_checks())
     rt = distributed.setup(cfg)
     run_dir = Path(cfg.run.dir) / "debug" if cfg.train.debug else Path(cfg.run.dir)
+    on_main(rt, lambda: lock_run_dir(run_dir, cfg.run.lock_stale_minutes, cleanup))  # before anything is written
     resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))
 
     # ---- data, model and optimizer
@@ -364,11 +370,22 @@ def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, i
 SHAPE_KEYS = ("model", "data.seq_len")
 
 
+def lock_run_dir(run_dir: Path, stale_minutes: float, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0: hold ``run_dir/run.lock`` until ``train`` exits; a second run into ``run_dir`` is refused
+    (RunDirLocked, a user error every rank raises through ``on_main``). See distllm/run_lock.py."""
+    lock = cleanup.enter_context(RunLock(run_dir, stale_minutes))
+    if lock.took_over:
+        logger.warning(lock.took_over)
+
+
 def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """Rank 0: which committed checkpoint to continue from (None = a fresh run); clean up crashed saves.
+    """Rank 0, holding the run directory's lock: which committed checkpoint to continue from (None = a fresh
+    run); clean up crashed saves.
     A debug run (``run_dir`` = RUN_DIR/debug) always starts over in its own directory."""
     if cfg.train.debug:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for p in run_dir.iterdir():  # all but the lock this run holds
+            if p.name != RunLock.NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return None
     checkpoint.remove_leftovers(run_dir)
     path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
