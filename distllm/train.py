@@ -35,7 +35,7 @@ from distllm.batch_plan import validation_micro_batch
 from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
-from distllm.errors import ConfigError, UserError
+from distllm.errors import CheckpointError, ConfigError, UserError
 from distllm.eval.multiple_choice import score_tasks
 from distllm.eval.tasks import load_tasks
 from distllm.evaluate import ValidationSet, validation_metrics
@@ -380,7 +380,7 @@ def lock_run_dir(run_dir: Path, stale_minutes: float, cleanup: contextlib.ExitSt
 
 def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
     """Rank 0, holding the run directory's lock: which committed checkpoint to continue from (None = a fresh
-    run); clean up crashed saves.
+    run); clean up crashed saves and set aside checkpoints that do not verify (one line each).
     A debug run (``run_dir`` = RUN_DIR/debug) always starts over in its own directory."""
     if cfg.train.debug:
         for p in run_dir.iterdir():  # all but the lock this run holds
@@ -388,6 +388,9 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return None
     checkpoint.remove_leftovers(run_dir)
+    for old, new, why in checkpoint.set_aside_unverified(run_dir):
+        logger.warning(f"skipped checkpoint {old}: {why}; renamed to {new.name} for inspection (not loaded, not "
+                       "counted by checkpoint.keep_last; delete it to free the space)")
     path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
     if path is None:
         if checkpoint.latest(run_dir) is not None:
@@ -401,6 +404,13 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
                 "continue from; use a new --run.dir (or delete the old directory)"
             )
         return None
+    newer = [p for p in checkpoint.complete_checkpoints(run_dir) if p != path and step_after(p, path)]
+    if newer:  # its saves would meet them: never report a save that a checkpoint of the old line holds
+        raise CheckpointError(
+            f"checkpoint.resume_from={cfg.checkpoint.resume_from} goes back to {path.name}, but {run_dir} has newer "
+            f"checkpoints ({', '.join(p.name for p in newer)}) that this run's saves would collide with; move them "
+            f"away, or continue in a new --run.dir with --checkpoint.resume_from={path.resolve()}"
+        )
     saved = checkpoint.read_state(path).get("config", {})
     differ = config_differences(saved, cfg.to_dict(), SHAPE_KEYS)
     if differ:
@@ -410,6 +420,14 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
             + "; use the same settings or a new --run.dir"
         )
     return path
+
+
+def step_after(a: Path, b: Path) -> bool:
+    """Is checkpoint ``a`` of a later step than checkpoint ``b`` (by their manifests' or names' step)?"""
+    def step(p):
+        return checkpoint.read_marker(p).get("step", checkpoint.step_of(p))
+
+    return (step(a) or 0) > (step(b) or 0)
 
 
 def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[tuple[str, object, object]]:
