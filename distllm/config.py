@@ -221,7 +221,8 @@ class CheckpointConfig:
     every_minutes: float = 15.0
     """Also save when this many minutes passed since the last save (0 = off)."""
     keep_last: int = 2
-    """Keep this many most recent committed checkpoints (older ones are deleted after a new commit)."""
+    """Keep this many most recent committed checkpoints that verify (older ones are deleted after a new commit;
+    ones that do not verify are set aside as ``corrupt-step_N`` at the start of a run and never counted)."""
     resume_from: Optional[str] = "latest"
     """``latest``: continue from the newest committed checkpoint of run.dir if there is one (auto-resume);
     a checkpoint directory: continue from it; null: always start fresh (refused if run.dir has checkpoints)."""
