@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,9 +114,32 @@ def test_a_refused_two_process_run_exits_on_both_ranks_with_one_line(dist_runs):
 def test_debug_mode_locks_its_own_directory(tiny_config):
     cfg = tiny_config
     cfg.train.debug = True
-    with RunLock(Path(cfg.run.dir) / "debug"):
+    debug_dir = Path(cfg.run.dir) / "debug"
+    with RunLock(debug_dir):
         with pytest.raises(RunDirLocked, match="/debug is in use"):
             train(cfg)
+
+    # while a debug run trains (after its fresh start, which must keep its lock file), nobody else gets in
+    got_in, refused, done = [], [], threading.Event()
+
+    def intruder():
+        while not done.is_set():
+            if (debug_dir / "metrics.jsonl").exists():
+                try:
+                    RunLock(debug_dir).acquire().release()
+                    got_in.append(True)
+                except RunDirLocked:
+                    refused.append(True)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=intruder)
+    t.start()
+    try:
+        assert train(cfg).step == 40
+    finally:
+        done.set()
+        t.join()
+    assert refused and not got_in
 
 
 def test_read_only_commands_do_not_need_the_lock(tiny_config, tmp_path):
