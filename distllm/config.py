@@ -225,9 +225,19 @@ class CheckpointConfig:
     ones that do not verify are set aside as ``corrupt-step_N`` at the start of a run and never counted)."""
     resume_from: Optional[str] = "latest"
     """``latest``: continue from the newest committed checkpoint of run.dir if there is one (auto-resume);
-    a checkpoint directory: continue from it; null: always start fresh (refused if run.dir has checkpoints)."""
+    a checkpoint directory: continue from it; an object storage URL (``checkpoint.upload_to``'s, or its
+    ``.../step_N``): download its newest checkpoint into run.dir and continue, unless run.dir has checkpoints of its
+    own (then the newest of those); null: always start fresh (refused if run.dir has checkpoints)."""
     verify: bool = True
     """Check the sha256 of every checkpoint file this process reads against the commit manifest."""
+    upload_to: Optional[str] = None
+    """Object storage URL (``s3://bucket/prefix``, any fsspec URL): each committed checkpoint is copied to
+    ``URL/step_N`` in the background (marker last; failures logged, training goes on; remote copies are not
+    pruned by keep_last). ``resume_from`` may name such a URL (see distllm/upload.py)."""
+    storage_options: Optional[dict] = None
+    """fsspec options for ``upload_to`` / a ``resume_from`` URL (``key``, ``secret``, ``client_kwargs:
+    {endpoint_url: ...}``), like ``data.storage_options``; credentials are redacted wherever the config is
+    written. Unset: the environment's credentials."""
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -584,6 +594,9 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
             check()
         except ConfigError as e:
             problems.append(str(e))
+    if cfg.checkpoint.upload_to is not None and "://" not in cfg.checkpoint.upload_to:
+        problems.append(f"checkpoint.upload_to must be an object storage URL like s3://bucket/prefix, got "
+                        f"{cfg.checkpoint.upload_to!r} (null = no upload)")
     if not cfg.logging.project.strip():
         problems.append("logging.project must not be empty")
     if cfg.logging.run_name is not None and not cfg.logging.run_name.strip():

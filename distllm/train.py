@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distllm import checkpoint, distributed, errors, faults
+from distllm import checkpoint, distributed, errors, faults, upload
 from distllm.batch_plan import validation_micro_batch
 from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
@@ -111,6 +111,10 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     if trace is not None:
         cleanup.callback(trace.close)
     saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file)
+    uploader = None  # checkpoint.upload_to: rank 0 copies each committed checkpoint in the background
+    if rt.is_main and cfg.checkpoint.upload_to:
+        uploader = upload.Uploader(cfg.checkpoint.upload_to, cfg.checkpoint.storage_options)
+        cleanup.callback(uploader.close)  # the last checkpoint is uploaded before train returns
     tokens_per_step = cfg.train.global_batch_size * T
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)  # None: an unknown GPU
     speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T), peak and peak * rt.world_size)
@@ -129,6 +133,8 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
                  "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
         path = saver.save(at_step, model, optimizer, state)
         log.print(f"saved checkpoint {path} ({saver.seconds:.1f} s)")
+        if uploader is not None:
+            uploader.submit(path)
         return path
 
     tasks = load_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []  # a bad line is an error now
@@ -391,7 +397,9 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
     for old, new, why in checkpoint.set_aside_unverified(run_dir):
         logger.warning(f"skipped checkpoint {old}: {why}; renamed to {new.name} for inspection (not loaded, not "
                        "counted by checkpoint.keep_last; delete it to free the space)")
-    path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
+    spec = cfg.checkpoint.resume_from
+    path = (upload.resume_source(spec, run_dir, cfg.checkpoint.storage_options) if upload.is_url(spec)
+            else checkpoint.resolve(spec, run_dir))
     if path is None:
         if checkpoint.latest(run_dir) is not None:
             raise UserError(
