@@ -26,6 +26,8 @@ grads_in_buckets = all(p.grad is not None for p in model.parameters())
 with open(f"{sys.argv[2]}/rank{rt.rank}.json", "w") as f:  # a file each: two ranks' stdout lines may interleave
     json.dump({"wrapper": type(model).__name__, "bucket_view": model.gradient_as_bucket_view,
                "broadcast_buffers": model.broadcast_buffers, "grads": grads_in_buckets}, f)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # as distllm's main does: no gloo thread left to abort the exit
 """
 
 
