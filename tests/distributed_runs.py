@@ -129,17 +129,12 @@ class Run:
 
 
 def tensors(path: Path, prefix: str) -> dict:
-    """Every tensor of a checkpoint's ``<prefix>*.safetensors`` files by name (ZeRO's per-rank files merged)."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob(f"{prefix}*.safetensors"))
-    assert files, f"no {prefix}*.safetensors in {path}"
-    out = {}
-    for f in files:
-        part = load_file(f)
-        assert not out.keys() & part.keys(), f"{f} repeats tensors of another rank's file"
-        out.update(part)
-    return out
+    """Every whole tensor of a checkpoint by name, assembled from the pieces its index lists (ZeRO's per-rank
+    partitions merged): ``model`` -> the weights, ``optimizer`` -> "<name>.exp_avg" / "<name>.exp_avg_sq"."""
+    reader = checkpoint.TensorReader(path)
+    if prefix == "model":
+        return {name: reader.get(name) for name in reader.keys()}
+    return {f"{name}.{kind}": reader.get(name, kind) for name in reader.keys() for kind in ("exp_avg", "exp_avg_sq")}
 
 
 def check(proc) -> None:
