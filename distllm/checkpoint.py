@@ -220,14 +220,16 @@ class TensorReader:
     def read(self, name: str, kind: str = "weight", start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened parameter ``name`` (``kind``: weight, exp_avg, exp_avg_sq)."""
         stop = self.numel(name) if stop is None else stop
-        out = torch.empty(stop - start, dtype=torch.float32)
-        filled = 0
-        for file, tensor, at, lo, hi in self._pieces(name, kind, start, stop):
-            out[lo - start : hi - start] = _flat_range(self._slice(file, tensor), at, at + hi - lo)
-            filled += hi - lo
-        if filled != stop - start:
+        parts = [(lo, hi, _flat_range(self._slice(file, tensor), at, at + hi - lo))
+                 for file, tensor, at, lo, hi in self._pieces(name, kind, start, stop)]
+        if sum(hi - lo for lo, hi, _ in parts) != stop - start:
             raise CheckpointError(f"checkpoint {self.path}: its pieces of {name} ({kind}) do not cover "
                                   f"elements {start}..{stop}")
+        if len(parts) == 1:
+            return parts[0][2].to(torch.float32)  # one piece: no second copy
+        out = torch.empty(stop - start, dtype=torch.float32)
+        for lo, hi, part in parts:
+            out[lo - start : hi - start] = part
         return out
 
     def get(self, name: str, kind: str = "weight") -> torch.Tensor:
@@ -338,11 +340,12 @@ class Shard:
         return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts.values())
 
 
-def own_shard(rt: "Runtime", model, optimizer, copy: bool) -> tuple[Shard, int]:
+def own_shard(rt: "Runtime", model, optimizer, buffers: dict | None = None) -> tuple[Shard, int]:
     """(this rank's part of the checkpoint, AdamW's step count). Local: no collective, nothing gathered.
 
-    ``copy``: snapshot the tensors into host memory (pinned on CUDA) so that training may go on while they
-    are written; else CPU tensors are written in place (the caller blocks until they are)."""
+    ``buffers``: snapshot the tensors into these host buffers (pinned on CUDA; kept by the caller and reused
+    by the next snapshot, so that it costs a copy, not an allocation) so that training may go on while they
+    are written; None: CPU tensors are written in place (the caller blocks until they are)."""
     params = _named_params(rt, model)
     shard = Shard()
     name_of = f"model-rank{rt.rank:05d}.safetensors" if rt.world_size > 1 or rt.deepspeed else "model.safetensors"
@@ -356,26 +359,27 @@ def own_shard(rt: "Runtime", model, optimizer, copy: bool) -> tuple[Shard, int]:
         for (name, p), owner, st in zip(params, owners, states):
             if owner != rt.rank:
                 continue
-            weights[name] = _host(p.detach().to(torch.float32), copy)
+            weights[name] = _host(p.detach().to(torch.float32), buffers, name)
             if adam_step:
                 for kind in KINDS[1:]:
-                    moments[f"{name}.{kind}"] = _host(st[kind].detach(), copy) if kind in st else torch.zeros_like(
+                    key = f"{name}.{kind}"
+                    moments[key] = _host(st[kind].detach(), buffers, key) if kind in st else torch.zeros_like(
                         weights[name])
             shard.pieces[name] = [{"file": name_of, "tensor": name, "offset": 0, "start": 0, "numel": p.numel()}]
     else:
         adam_step = deepspeed_fence.adam_step(model)
         flats = deepspeed_fence.flat_partitions(model)
         for g, flat in enumerate(flats):
-            weights[f"group{g}"] = _host(flat.detach(), copy)
+            weights[f"group{g}"] = _host(flat.detach(), buffers, f"group{g}")
             if adam_step:
                 for kind, t in zip(KINDS[1:], deepspeed_fence.partition_moments(model, g)):
-                    moments[f"group{g}.{kind}"] = _host(t.detach(), copy)
+                    moments[f"group{g}.{kind}"] = _host(t.detach(), buffers, f"group{g}.{kind}")
         local = deepspeed_fence.local_pieces(model, [p for _, p in params])
         for (name, _), pieces in zip(params, local):
             if pieces:
                 shard.pieces[name] = [{"file": name_of, "tensor": f"group{g}", "offset": off, "start": start,
                                        "numel": n} for g, off, start, n in pieces]
-    if rt.device.type == "cuda" and copy:
+    if rt.device.type == "cuda":
         torch.cuda.synchronize()  # the non-blocking copies into pinned memory are done
     if weights:
         shard.tensors[name_of], shard.metadata[name_of] = weights, {"format": "pt"}
@@ -385,11 +389,15 @@ def own_shard(rt: "Runtime", model, optimizer, copy: bool) -> tuple[Shard, int]:
     return shard, adam_step
 
 
-def _host(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.clone() if copy else t.contiguous()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
+def _host(t: torch.Tensor, buffers: dict | None, key: str) -> torch.Tensor:
+    """``t`` in host memory: itself (a CPU tensor written in place), else a copy into ``buffers[key]``."""
+    if buffers is None and t.device.type == "cpu":
+        return t.contiguous()
+    buffers = {} if buffers is None else buffers
+    buf = buffers.get(key)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+    return buf.copy_(t, non_blocking=t.device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------- save (collective)
@@ -499,7 +507,7 @@ def check_index(manifest: dict) -> None:
 
 
 def begin(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer, state: dict,
-          tokenizer_file: Path | None = None, copy: bool = False) -> PendingSave | None:
+          tokenizer_file: Path | None = None, buffers: dict | None = None) -> PendingSave | None:
     """Collective: prepare checkpoint ``step`` (the temporary directory, this rank's snapshot); None when
     that step is already committed (the same state: a good checkpoint is never replaced)."""
     root, final = checkpoint_dir(run_dir), step_path(run_dir, step)
@@ -517,7 +525,7 @@ def begin(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer
     error = rt.broadcast_object(error)
     if error:
         raise CheckpointError(f"could not write checkpoint {final}: {error}{_intact(run_dir)}")
-    shard, adam_step = own_shard(rt, model, optimizer, copy)
+    shard, adam_step = own_shard(rt, model, optimizer, buffers)
     shard.texts[f"rng-rank{rt.rank:05d}.json"] = json.dumps(rng_state()).encode()
     if rt.is_main:
         shard.texts["state.json"] = json.dumps({"step": step, **state}, indent=2).encode()
@@ -747,6 +755,7 @@ class Checkpointer:
         self.last_path: Path | None = None
         self._pending: PendingSave | None = None
         self._thread: threading.Thread | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # the host snapshot, reused by every asynchronous save
 
     def save(self, step: int, model, optimizer, state: dict) -> Path:
         """Start checkpoint ``step`` (after the previous one is committed: at most one in flight); synchronous
@@ -754,7 +763,7 @@ class Checkpointer:
         t0 = time.monotonic()
         self.wait()
         pending = begin(self.rt, self.run_dir, step, model, optimizer, state, self.tokenizer_file,
-                        copy=self.async_save)
+                        buffers=self._buffers if self.async_save else None)
         if pending is None:  # already committed
             self.last_path = step_path(self.run_dir, step)
         elif self.async_save:
