@@ -83,7 +83,7 @@ def test_resume_is_bit_exact(dist_runs, engine):
     a, b = straight.moments(), resumed.moments()
     assert a.keys() == b.keys() and len(a) == 2 * len(straight.weights())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for rank in range(2 if engine != "one" else 1):
+    for rank in range(1 if engine.startswith("one") else 2):
         assert resumed.samples(rank) == straight.samples(rank)
 
 
