@@ -126,17 +126,53 @@ def is_committed(path: Path) -> bool:
         return False
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Committed checkpoints of a run, oldest first."""
+def step_of(path: Path) -> int | None:
+    """The step of a ``step_N`` checkpoint directory (None for any other name)."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def unverified_reason(path: Path) -> str | None:
+    """Why a committed-looking checkpoint cannot be trusted (None: it verifies): its marker does not parse,
+    or a file it lists is missing or has another size. Checksums are checked when it is loaded."""
+    try:
+        check_files(path, read_marker(path), verify=False)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def scan(run_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(checkpoints that verify, oldest first; ``step_N`` directories with a marker that do not, with why).
+    Directories without a marker are saves that never committed: neither list (``remove_leftovers``)."""
     root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and is_committed(p):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    good, bad = [], []
+    for p in sorted(root.iterdir(), key=lambda p: step_of(p) or 0) if root.is_dir() else []:
+        if step_of(p) is None or not p.is_dir() or not (p / MARKER).exists():
+            continue
+        why = unverified_reason(p)
+        (good.append(p) if why is None else bad.append((p, why)))
+    return good, bad
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints of a run that verify (``unverified_reason``), oldest first: what resume picks
+    from and what retention (``keep_last``) counts and deletes."""
+    return scan(run_dir)[0]
+
+
+def set_aside_unverified(run_dir: str | os.PathLike) -> list[tuple[Path, Path, str]]:
+    """Rename every checkpoint that does not verify to ``corrupt-step_N`` (rank 0, before training): kept
+    for inspection, never loaded, never counted or deleted by retention (it takes disk space until the user
+    deletes it), and a later save of the same step cannot overwrite it. Returns (old, new, why)."""
+    moved = []
+    for path, why in scan(run_dir)[1]:
+        new, n = path.with_name(f"corrupt-{path.name}"), 1
+        while new.exists():
+            new, n = path.with_name(f"corrupt-{path.name}.{n}"), n + 1
+        path.rename(new)
+        moved.append((path, new, why))
+    return moved
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
@@ -746,9 +782,11 @@ class Checkpointer:
     blocked the loop (the time-limit margin)."""
 
     def __init__(self, rt: "Runtime", run_dir: str | os.PathLike, keep_last: int, tokenizer_file: Path | None,
-                 async_save: bool = False, report: Callable[[str], None] | None = None):
+                 async_save: bool = False, report: Callable[[str], None] | None = None,
+                 on_commit: Callable[[Path], None] | None = None):
         self.rt, self.run_dir, self.keep_last, self.tokenizer_file = rt, Path(run_dir), keep_last, tokenizer_file
         self.async_save, self.report = async_save, report or (lambda text: None)
+        self.on_commit = on_commit or (lambda path: None)  # e.g. the upload to object storage
         self.seconds = 0.0  # how long the last save blocked the loop
         self.exit_seconds = 0.0  # how long the last save took from its start to its commit: a save before exiting
         self.last_time = time.monotonic()
@@ -764,8 +802,10 @@ class Checkpointer:
         self.wait()
         pending = begin(self.rt, self.run_dir, step, model, optimizer, state, self.tokenizer_file,
                         buffers=self._buffers if self.async_save else None)
-        if pending is None:  # already committed
+        if pending is None:  # already committed: nothing was saved
             self.last_path = step_path(self.run_dir, step)
+            self.report(f"checkpoint {self.last_path} is already committed; not saved again")
+            self.on_commit(self.last_path)
         elif self.async_save:
             self._pending = pending
             self._thread = threading.Thread(target=pending.write, name=f"checkpoint-{step}", daemon=True)
@@ -801,6 +841,7 @@ class Checkpointer:
         self.last_path = pending.commit(self.keep_last)
         waited = time.monotonic() - t0
         self.exit_seconds = max(self.seconds, pending.write_seconds + waited)
+        self.on_commit(self.last_path)
         if self.async_save:
             self.report(f"saved checkpoint {self.last_path} (written in {pending.write_seconds:.1f} s in the "
                         f"background; committing blocked {waited:.1f} s)")

@@ -40,6 +40,10 @@ from distllm.redact import redact
 class RunConfig:
     dir: str = "runs/debug"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    lock_stale_minutes: float = 10.0
+    """``train`` holds ``run.dir/run.lock`` while it runs (a second run there is refused). A lock whose holder
+    the OS lock cannot vouch for (another host, on a filesystem without cross-node flock) is taken over once
+    its heartbeat is this old; see distllm/run_lock.py."""
 
 
 @dataclass
@@ -220,10 +224,13 @@ class CheckpointConfig:
     every_minutes: float = 15.0
     """Also save when this many minutes passed since the last save (0 = off)."""
     keep_last: int = 2
-    """Keep this many most recent committed checkpoints (older ones are deleted after a new commit)."""
+    """Keep this many most recent committed checkpoints that verify (older ones are deleted after a new commit;
+    ones that do not verify are set aside as ``corrupt-step_N`` at the start of a run and never counted)."""
     resume_from: Optional[str] = "latest"
     """``latest``: continue from the newest committed checkpoint of run.dir if there is one (auto-resume);
-    a checkpoint directory: continue from it; null: always start fresh (refused if run.dir has checkpoints)."""
+    a checkpoint directory: continue from it; an object storage URL (``checkpoint.upload_to``'s, or its
+    ``.../step_N``): download its newest checkpoint into run.dir and continue, unless run.dir has checkpoints of its
+    own (then the newest of those); null: always start fresh (refused if run.dir has checkpoints)."""
     verify: bool = True
     """Check the sha256 of every checkpoint file this process reads against the commit manifest (each process
     checks only the files it reads, in parallel threads, before the first collective of the load)."""
@@ -232,6 +239,14 @@ class CheckpointConfig:
     goes on while a thread writes, hashes and fsyncs it, and the checkpoint is committed at a later step boundary
     once every process's writes are durable (at most one save in flight; stop signals and the end of the run wait
     for it). The price is a host copy of each process's share of the state. ``auto``: on with CUDA, off on the CPU."""
+    upload_to: Optional[str] = None
+    """Object storage URL (``s3://bucket/prefix``, any fsspec URL): each committed checkpoint is copied to
+    ``URL/step_N`` in the background (marker last; failures logged, training goes on; remote copies are not
+    pruned by keep_last). ``resume_from`` may name such a URL (see distllm/upload.py)."""
+    storage_options: Optional[dict] = None
+    """fsspec options for ``upload_to`` / a ``resume_from`` URL (``key``, ``secret``, ``client_kwargs:
+    {endpoint_url: ...}``), like ``data.storage_options``; credentials are redacted wherever the config is
+    written. Unset: the environment's credentials."""
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -484,6 +499,7 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
     problems: list[str] = []
     positive = {
         "data.seq_len": cfg.data.seq_len,
+        "run.lock_stale_minutes": cfg.run.lock_stale_minutes,
         **{f"data.mix[{k!r}]": w for k, w in (cfg.data.mix or {}).items()},
         "data.shard_tokens": cfg.data.shard_tokens,
         "data.tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes,
@@ -587,6 +603,9 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
             check()
         except ConfigError as e:
             problems.append(str(e))
+    if cfg.checkpoint.upload_to is not None and "://" not in cfg.checkpoint.upload_to:
+        problems.append(f"checkpoint.upload_to must be an object storage URL like s3://bucket/prefix, got "
+                        f"{cfg.checkpoint.upload_to!r} (null = no upload)")
     if not cfg.logging.project.strip():
         problems.append("logging.project must not be empty")
     if cfg.logging.run_name is not None and not cfg.logging.run_name.strip():

@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, incomplete or incompatible checkpoint."""
+
+
+class RunDirLocked(UserError):
+    """Another live run holds the run directory (distllm/run_lock.py)."""

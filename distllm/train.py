@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import random
 import shutil
@@ -29,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distllm import checkpoint, distributed, errors, faults
+from distllm import checkpoint, distributed, errors, faults, upload
 from distllm.batch_plan import validation_micro_batch
 from distllm.config import Config, parse_duration, redacted_dict, save_config
 from distllm.data.loader import TokenShards, build_train_loader
 from distllm.data.storage import storage_kwargs
-from distllm.errors import ConfigError, UserError
+from distllm.errors import CheckpointError, ConfigError, UserError
 from distllm.eval.multiple_choice import score_tasks
 from distllm.eval.tasks import load_tasks
 from distllm.evaluate import ValidationSet, validation_metrics
@@ -44,7 +45,11 @@ from distllm.model.flops import mfu, peak_flops
 from distllm.objectives import Objective, counted_tokens, next_token_objective
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
+from distllm.run_lock import RunLock
 from distllm.tokenizer import load_tokenizer
+
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -76,6 +81,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         cleanup.enter_context(distributed.debug_checks())
     rt = distributed.setup(cfg)
     run_dir = Path(cfg.run.dir) / "debug" if cfg.train.debug else Path(cfg.run.dir)
+    on_main(rt, lambda: lock_run_dir(run_dir, cfg.run.lock_stale_minutes, cleanup))  # before anything is written
     resume_path = on_main(rt, lambda: decide_resume(cfg, run_dir))
 
     # ---- data, model and optimizer
@@ -104,9 +110,14 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     trace = SampleTrace(run_dir, rt.rank, resume_step) if cfg.logging.trace_samples else None
     if trace is not None:
         cleanup.callback(trace.close)
+    uploader = None  # checkpoint.upload_to: rank 0 copies each committed checkpoint in the background
+    if rt.is_main and cfg.checkpoint.upload_to:
+        uploader = upload.Uploader(cfg.checkpoint.upload_to, cfg.checkpoint.storage_options)
+        cleanup.callback(uploader.close)  # the last checkpoint is uploaded before train returns
     saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file,
                                     async_save=checkpoint.async_default(cfg.checkpoint.async_save, rt.device.type),
-                                    report=log.print)  # "saved checkpoint ..." once committed
+                                    report=log.print,  # "saved checkpoint ..." once committed
+                                    on_commit=uploader.submit if uploader is not None else None)
     tokens_per_step = cfg.train.global_batch_size * T
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)  # None: an unknown GPU
     speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T), peak and peak * rt.world_size)
@@ -123,7 +134,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
                  "config": redacted_dict(cfg), "trackers": log.tracker_state(),  # tracker run ids, for resuming
                  "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
-        return saver.save(at_step, model, optimizer, state)
+        return saver.save(at_step, model, optimizer, state)  # committed now, or at a later boundary if async
 
     tasks = load_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []  # a bad line is an error now
     tokenizer = load_tokenizer(tokenizer_file) if tasks else None
@@ -364,14 +375,30 @@ def check_spike(rt, log, recent: deque, factor: float, step: int, loss: float, i
 SHAPE_KEYS = ("model", "data.seq_len")
 
 
+def lock_run_dir(run_dir: Path, stale_minutes: float, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0: hold ``run_dir/run.lock`` until ``train`` exits; a second run into ``run_dir`` is refused
+    (RunDirLocked, a user error every rank raises through ``on_main``). See distllm/run_lock.py."""
+    lock = cleanup.enter_context(RunLock(run_dir, stale_minutes))
+    if lock.took_over:
+        logger.warning(lock.took_over)
+
+
 def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """Rank 0: which committed checkpoint to continue from (None = a fresh run); clean up crashed saves.
+    """Rank 0, holding the run directory's lock: which committed checkpoint to continue from (None = a fresh
+    run); clean up crashed saves and set aside checkpoints that do not verify (one line each).
     A debug run (``run_dir`` = RUN_DIR/debug) always starts over in its own directory."""
     if cfg.train.debug:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for p in run_dir.iterdir():  # all but the lock this run holds
+            if p.name != RunLock.NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return None
     checkpoint.remove_leftovers(run_dir)
-    path = checkpoint.resolve(cfg.checkpoint.resume_from, run_dir)
+    for old, new, why in checkpoint.set_aside_unverified(run_dir):
+        logger.warning(f"skipped checkpoint {old}: {why}; renamed to {new.name} for inspection (not loaded, not "
+                       "counted by checkpoint.keep_last; delete it to free the space)")
+    spec = cfg.checkpoint.resume_from
+    path = (upload.resume_source(spec, run_dir, cfg.checkpoint.storage_options) if upload.is_url(spec)
+            else checkpoint.resolve(spec, run_dir))
     if path is None:
         if checkpoint.latest(run_dir) is not None:
             raise UserError(
@@ -384,6 +411,13 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
                 "continue from; use a new --run.dir (or delete the old directory)"
             )
         return None
+    newer = [p for p in checkpoint.complete_checkpoints(run_dir) if p != path and step_after(p, path)]
+    if newer:  # its saves would meet them: never report a save that a checkpoint of the old line holds
+        raise CheckpointError(
+            f"checkpoint.resume_from={cfg.checkpoint.resume_from} goes back to {path.name}, but {run_dir} has newer "
+            f"checkpoints ({', '.join(p.name for p in newer)}) that this run's saves would collide with; move them "
+            f"away, or continue in a new --run.dir with --checkpoint.resume_from={path.resolve()}"
+        )
     saved = checkpoint.read_state(path).get("config", {})
     differ = config_differences(saved, cfg.to_dict(), SHAPE_KEYS)
     if differ:
@@ -393,6 +427,14 @@ def decide_resume(cfg: Config, run_dir: Path) -> Path | None:
             + "; use the same settings or a new --run.dir"
         )
     return path
+
+
+def step_after(a: Path, b: Path) -> bool:
+    """Is checkpoint ``a`` of a later step than checkpoint ``b`` (by their manifests' or names' step)?"""
+    def step(p):
+        return checkpoint.read_marker(p).get("step", checkpoint.step_of(p))
+
+    return (step(a) or 0) > (step(b) or 0)
 
 
 def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[tuple[str, object, object]]:

@@ -1,0 +1,72 @@
+"""``checkpoint.upload_to`` / ``checkpoint.resume_from: s3://...`` against a real S3-compatible server (moto) on
+127.0.0.1 (the server of tests/data/conftest.py)."""
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.conftest import DUMMY_AWS_ENV, _start_moto
+from distllm import checkpoint
+from distllm.train import train
+
+SECRET = "wJalrXUtnFEMI-not-a-real-secret"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    for key, value in DUMMY_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    server = _start_moto()
+    yield server
+    server.stop()
+
+
+def test_committed_checkpoints_are_uploaded_and_a_new_directory_resumes_from_the_bucket(tiny_config, tmp_path, s3,
+                                                                                         caplog):
+    fs = s3.filesystem()
+    fs.mkdir("ckpts")
+    cfg = tiny_config
+    cfg.train.max_steps, cfg.train.exit_at_step, cfg.train.eval_every = 6, 4, 0
+    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 1
+    straight = copy.deepcopy(cfg)
+    cfg.checkpoint.upload_to = "s3://ckpts/run1"
+    cfg.checkpoint.storage_options = {**s3.storage_options, "key": "AKIAFAKE", "secret": SECRET}
+    first = train(cfg)  # stops at step 4 (a preemption on a node whose disk is then lost)
+    assert first.checkpoint.name == "step_000004"
+    assert [p.name for p in checkpoint.complete_checkpoints(cfg.run.dir)] == ["step_000004"]  # keep_last=1 here
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpts/run1")) == ["step_000002", "step_000004"]
+    for name in checkpoint.read_marker(first.checkpoint)["files"]:  # the same bytes, the marker too
+        assert fs.cat_file(f"ckpts/run1/step_000004/{name}") == (first.checkpoint / name).read_bytes(), name
+    assert fs.cat_file("ckpts/run1/step_000004/COMPLETE") == (first.checkpoint / "COMPLETE").read_bytes()
+    for written in (Path(cfg.run.dir) / "config.yaml", first.checkpoint / "state.json"):
+        assert SECRET not in written.read_text()  # the credentials are redacted wherever the config is written
+
+    resumed = copy.deepcopy(cfg)  # another machine: an empty run directory, the checkpoint from the bucket
+    resumed.run.dir = str(tmp_path / "elsewhere")
+    resumed.checkpoint.resume_from, resumed.checkpoint.upload_to, resumed.train.exit_at_step = "s3://ckpts/run1", None, None
+    with caplog.at_level(logging.INFO, logger="distllm"):
+        result = train(resumed)
+    assert any("downloading checkpoint s3://ckpts/run1/step_000004" in r.getMessage() for r in caplog.records)
+    records = [json.loads(line) for line in (Path(resumed.run.dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [4]
+    straight.run.dir, straight.train.exit_at_step = str(tmp_path / "straight"), None
+    reference = train(straight)  # 6 steps without stopping: the resumed run matches it bit for bit
+    a, b = load_file(reference.checkpoint / "model.safetensors"), load_file(result.checkpoint / "model.safetensors")
+    assert result.checkpoint.name == "step_000006" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_upload_is_one_line_and_training_goes_on(tiny_config, s3, caplog):
+    cfg = tiny_config
+    cfg.train.max_steps, cfg.train.eval_every = 3, 0
+    cfg.checkpoint.upload_to = "s3://no-such-bucket/run"
+    cfg.checkpoint.storage_options = s3.storage_options
+    with caplog.at_level(logging.WARNING, logger="distllm"):
+        result = train(cfg)
+    assert result.checkpoint.name == "step_000003" and checkpoint.latest(cfg.run.dir) == result.checkpoint
+    failed = [r.getMessage() for r in caplog.records if "could not upload" in r.getMessage()]
+    assert len(failed) == 1 and "s3://no-such-bucket/run/step_000003" in failed[0], failed
