@@ -220,11 +220,12 @@ def single_process(args: argparse.Namespace, root: Path) -> None:
 
     cfg = config(args.tiny)
     rt = distributed.local_runtime()
+    torch.set_num_threads(1)  # as the 2-process workers: on a loaded machine, OpenMP's spinning threads slow copies 8x
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
-    print(f"part 1: one process, {count_params(cfg.model) / 1e6:.1f}M parameters + AdamW moments, fp32 | "
+    print(f"part 1: one process (1 intra-op thread), {count_params(cfg.model) / 1e6:.1f}M parameters + AdamW moments, fp32 | "
           f"{machine_load()}", flush=True)
     t: dict[str, list[float]] = defaultdict(list)
     mem: dict[str, int] = {}
