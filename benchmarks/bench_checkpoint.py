@@ -1,35 +1,33 @@
-"""Checkpoint save and load of a ~100M-parameter model with AdamW state: distllm's format against torch.save/load.
+"""Checkpoint save and load of a ~100M-parameter model with AdamW state: distllm against torch.save and DeepSpeed.
 
     python benchmarks/bench_checkpoint.py             # 100.7M params (d_model 768 x 12 layers, vocab 20480)
-    python benchmarks/bench_checkpoint.py --tiny      # a toy model, one process only (smoke run, seconds)
-    python benchmarks/bench_checkpoint.py --no-zero2  # skip the 2-process ZeRO-2 part
+    python benchmarks/bench_checkpoint.py --tiny      # a toy model (smoke run, seconds)
+    python benchmarks/bench_checkpoint.py --no-multi  # one process only
 
 Part 1, one process (``distributed.local_runtime()``), fp32 on the CPU: the model (the gpt2-124m
 preset's shape with a 20480-token vocabulary) takes one AdamW step on random tokens so that the
 moments exist, then, alternating over --rounds rounds:
 
-* distllm: ``checkpoint.save`` (safetensors weights + moments, RNG and state JSON, fsync of every file
-  and of the directories, sha256 of every file into the ``COMPLETE`` manifest, atomic rename) and
-  ``checkpoint.load`` (sha256 of every file checked against the manifest, then weights and moments
-  copied into the live model and optimizer; also timed with ``verify=False``);
-* baseline: ``torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()})`` to one
-  file (timed alone and with an fsync added, since distllm's figure includes its fsyncs) and
-  ``torch.load(weights_only=True)`` followed by ``load_state_dict`` on the model and the optimizer.
+* distllm: ``checkpoint.save`` (safetensors weights + moments hashed as they are written, RNG and state
+  JSON, fsync of every file and directory, the ``COMPLETE`` manifest, atomic rename) and
+  ``checkpoint.load`` (sha256 of the files read, in threads, then weights and moments copied in); and
+  an asynchronous save through ``Checkpointer(async_save=True)``: the time ``save`` blocks the caller
+  (the snapshot) and the time until it is committed;
+* baseline: ``torch.save({"model": ..., "optimizer": ...})`` + fsync of the file, and ``torch.load``
+  + ``load_state_dict``.
 
-Inside the timed distllm calls, the time spent in four functions is summed by thin wrappers:
-sha256 hashing (``checkpoint.sha256_file``), fsync (``checkpoint.fsync_path``), writing tensors
-(``safetensors.torch.save_file``) and collecting the state to write (``checkpoint.owned_state``).
+Part 2, 2 processes (``torchrun``, gloo) for DDP, ZeRO-2 and ZeRO-3: distllm's save (each rank writes
+its share, nothing gathered) against, in the same job, DeepSpeed's ``engine.save_checkpoint`` (ZeRO) or
+rank 0's ``torch.save`` + fsync of the whole state (DDP: what a DDP script does); the asynchronous
+save's blocking time against the synchronous save; load on the 2 ranks against DeepSpeed's
+``load_checkpoint``. Times run barrier to barrier. Part 3 loads part 2's 2-rank checkpoints into one
+process.
 
-The training loop is blocked for the whole save: ``checkpoint.save`` is synchronous, so blocked
-time = total time. Files are written to --dir (default: a temporary directory) and read back right
-after, from a warm page cache, for both formats alike. Medians over the rounds are printed.
-
-Part 2 (optional, on by default at full size): the same model on 2 processes under DeepSpeed ZeRO-2
-(``torchrun``, gloo): distllm's collective save/load (every parameter gathered whole; each rank
-writes the parameters it owns) against DeepSpeed's own ``engine.save_checkpoint`` /
-``load_checkpoint`` (sharded optimizer state, no gathering) in the same job: all distllm rounds
-first, then DeepSpeed's (after DeepSpeed's ``load_checkpoint``, ``safe_get_full_optimizer_state``
-no longer works: it re-links the parameters without their optimizer state).
+Peak host memory during a save: the growth of this process's peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs``) over its RSS before the save, until the save is committed: a synchronous
+CPU save writes the tensors in place, an asynchronous one copies them to host memory first (its price).
+Files go to --dir (default: a temporary directory) and are read back from a warm page cache.
+Medians over the rounds are printed.
 """
 
 from __future__ import annotations
@@ -57,20 +55,22 @@ MB = 1e6
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a toy model on one process: a seconds-long smoke run")
+    p.add_argument("--tiny", action="store_true", help="a toy model: a seconds-long smoke run (with --no-multi)")
     p.add_argument("--rounds", type=int, default=3, help="save+load rounds per format, alternating")
-    p.add_argument("--no-zero2", action="store_true", help="skip the 2-process ZeRO-2 part")
+    p.add_argument("--no-multi", action="store_true", help="skip the 2-process parts (DDP, ZeRO-2, ZeRO-3)")
+    p.add_argument("--engines", default="ddp,zero2,zero3", help="2-process engines to measure (comma-separated)")
+    p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary directory)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tag", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tiny:
-        args.rounds, args.no_zero2 = 1, True
+        args.rounds = 1
     return args
 
 
-def config(tiny: bool, zero_stage: int | None = None):
+def config(tiny: bool, zero_stage: int | None = None, world: int = 1):
     from distllm.config import from_dict
 
     shape = TINY_MODEL if tiny else FULL_MODEL
@@ -78,7 +78,7 @@ def config(tiny: bool, zero_stage: int | None = None):
         "model": shape,
         "tokenizer": {"vocab_size": shape["vocab_size"]},
         "data": {"seq_len": min(SEQ, shape["max_seq_len"])},
-        "train": {"micro_batch_size": 1, "global_batch_size": 2 if zero_stage is not None else 1, "max_steps": 10,
+        "train": {"micro_batch_size": 1, "global_batch_size": world, "max_steps": 10,
                   "device": "cpu", "precision": "fp32"},
         "optim": {"warmup_steps": 0},
         "distributed": {"zero_stage": zero_stage},
@@ -98,12 +98,10 @@ def dir_bytes(path: Path) -> int:
 @contextlib.contextmanager
 def time_calls(totals: dict[str, float]):
     """Sum the seconds spent in the functions distllm's save/load calls, by part, into ``totals``."""
-    import safetensors.torch
-
     from distllm import checkpoint
 
-    targets = [(checkpoint, "sha256_file", "sha256"), (checkpoint, "fsync_path", "fsync"),
-               (safetensors.torch, "save_file", "write tensors"), (checkpoint, "owned_state", "collect state")]
+    targets = [(checkpoint, "sha256_file", "sha256"), (checkpoint.tensorfile, "write", "write+hash+fsync tensors"),
+               (checkpoint, "own_shard", "collect state")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
 
     def wrap(fn, part):
@@ -141,109 +139,149 @@ def one_step(model, optimizer, rt, vocab: int, seq: int) -> None:
     rt.optimizer_step(model, optimizer, 1.0)
 
 
+@contextlib.contextmanager
+def peak_growth(out: dict, key: str):
+    """The growth of this process's peak RSS over its RSS at entry, into ``out[key]`` (bytes)."""
+    from multiproc import peak_rss_bytes, rss_bytes
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = rss_bytes()
+    try:
+        yield
+    finally:
+        out[key] = max(0, peak_rss_bytes() - before)
+
+
+def save_rounds(rt, cfg, model, optimizer, run_root: Path, rounds: int, t: dict, mem: dict, barrier=lambda: None):
+    """distllm's synchronous save, its asynchronous save (blocked / until committed), its load; into ``t``."""
+    from distllm import checkpoint
+
+    def timed(name, fn):
+        barrier()
+        t0 = time.perf_counter()
+        out = fn()
+        barrier()
+        t[name].append(time.perf_counter() - t0)
+        return out
+
+    path = None
+    saver = checkpoint.Checkpointer(rt, run_root / "async", 1, None, async_save=True)  # one, as in a training run
+    for r in range(rounds):
+        run_dir = run_root / f"distllm-{r}"
+        parts: dict[str, float] = defaultdict(float)
+        with time_calls(parts), peak_growth(mem, "distllm save"):
+            path = timed("distllm save", lambda: checkpoint.save(rt, run_dir, 1, model, optimizer, train_state(cfg),
+                                                                 keep_last=1))
+        for part, sec in parts.items():
+            t[f"distllm save: {part} (rank {rt.rank})"].append(sec)
+        timed("distllm load", lambda: checkpoint.load(rt, path, model, optimizer, verify=True))
+        timed("distllm load, verify=False", lambda: checkpoint.load(rt, path, model, optimizer, verify=False))
+        # the first asynchronous save allocates its host buffer; later ones reuse it
+        which = "first" if r == 0 else "later"
+        with peak_growth(mem, f"distllm async save ({which})"):
+            timed(f"distllm async save ({which}): blocked", lambda: saver.save(r + 1, model, optimizer,
+                                                                               train_state(cfg)))
+            timed(f"distllm async save ({which}): until committed", saver.wait)
+        t[f"distllm async save ({which}): until committed"][-1] += t[f"distllm async save ({which}): blocked"][-1]
+        if r + 1 < rounds:
+            if rt.is_main:
+                shutil.rmtree(run_dir)
+            barrier()
+    return path
+
+
+def report(title: str, t: dict, rounds: int) -> dict[str, float]:
+    med = {k: statistics.median(v) for k, v in t.items()}
+    print(f"{title + ' (median of ' + str(rounds) + ' rounds)':<56}{'seconds':>9}")
+    for k, v in med.items():
+        print(f"{k:<56}{v:>9.2f}")
+    return med
+
+
+def async_blocked(med: dict) -> float:
+    """The blocking time of an asynchronous save in a running job: a later one (the first allocates its buffer)."""
+    return med.get("distllm async save (later): blocked", med["distllm async save (first): blocked"])
+
+
+def print_memory(mem: dict, state_bytes: float) -> None:
+    print("peak host memory growth during a save: " + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in mem.items())
+          + f" (this rank's share of the state: {state_bytes / MB:.0f} MB)")
+
+
 # ---------------------------------------------------------------------------- part 1: one process
 
 
-def single_process(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
+def single_process(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     from distllm import checkpoint, distributed
-
-    from distllm.model import Transformer
-    from distllm.model import count_params
+    from distllm.model import Transformer, count_params
     from distllm.optim import build_optimizer
 
     cfg = config(args.tiny)
     rt = distributed.local_runtime()
+    torch.set_num_threads(1)  # as the 2-process workers: on a loaded machine, OpenMP's spinning threads slow copies 8x
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
-    print(f"part 1: one process, {count_params(cfg.model) / 1e6:.1f}M parameters + AdamW moments, fp32 | "
+    print(f"part 1: one process (1 intra-op thread), {count_params(cfg.model) / 1e6:.1f}M parameters + AdamW moments, fp32 | "
           f"{machine_load()}", flush=True)
-
     t: dict[str, list[float]] = defaultdict(list)
-    sizes: dict[str, int] = {}
+    mem: dict[str, int] = {}
+    save_rounds(rt, cfg, model, optimizer, root / "one", args.rounds, t, mem)
+    shutil.rmtree(root / "one")
     for r in range(args.rounds):
-        for fmt in ("distllm", "torch") if r % 2 == 0 else ("torch", "distllm"):
-            if fmt == "distllm":
-                run_dir = root / f"distllm-{r}"
-                parts: dict[str, float] = defaultdict(float)
-                with time_calls(parts):
-                    t0 = time.perf_counter()
-                    path = checkpoint.save(rt, run_dir, 1, model, optimizer, train_state(cfg), keep_last=1)
-                    t["distllm save"].append(time.perf_counter() - t0)
-                for part, s in parts.items():
-                    t[f"distllm save: {part}"].append(s)
-                sizes["distllm"] = dir_bytes(path)
-                parts = defaultdict(float)
-                with time_calls(parts):
-                    t0 = time.perf_counter()
-                    checkpoint.load(rt, path, model, optimizer, verify=True)
-                    t["distllm load"].append(time.perf_counter() - t0)
-                t["distllm load: sha256"].append(parts["sha256"])
-                t0 = time.perf_counter()
-                checkpoint.load(rt, path, model, optimizer, verify=False)
-                t["distllm load, verify=False"].append(time.perf_counter() - t0)
-                shutil.rmtree(run_dir)
-            else:
-                file = root / f"torch-{r}.pt"
-                t0 = time.perf_counter()
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, file)
-                t["torch.save"].append(time.perf_counter() - t0)
-                checkpoint.fsync_path(file)  # the fsync distllm's save does
-                t["torch.save + fsync"].append(time.perf_counter() - t0)
-                sizes["torch"] = file.stat().st_size
-                t0 = time.perf_counter()
-                state = torch.load(file, weights_only=True)
-                t["torch.load"].append(time.perf_counter() - t0)
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                t["torch.load + load_state_dict"].append(time.perf_counter() - t0)
-                del state
-                file.unlink()
-
-    med = {k: statistics.median(v) for k, v in t.items()}
-    print(f"\n{'part 1 (median of ' + str(args.rounds) + ' rounds)':<48}{'seconds':>9}")
-    for k, v in med.items():
-        print(f"{k:<48}{v:>9.2f}")
-    print(f"bytes: distllm {sizes['distllm'] / MB:.0f} MB, torch.save {sizes['torch'] / MB:.0f} MB "
-          f"(ratio {sizes['distllm'] / sizes['torch']:.3f}x)\n")
-    save, load = med["distllm save"], med["distllm load"]
-    print(f"ratio distllm save / torch.save: {save / med['torch.save']:.2f}x "
-          f"(/ torch.save + fsync: {save / med['torch.save + fsync']:.2f}x)")
-    print(f"ratio distllm load / torch.load + load_state_dict: {load / med['torch.load + load_state_dict']:.2f}x "
+        file = root / f"torch-{r}.pt"
+        with peak_growth(mem, "torch.save"):
+            t0 = time.perf_counter()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, file)
+            checkpoint.fsync_path(file)  # the fsync distllm's save does
+            t["torch.save + fsync"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        state = torch.load(file, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        t["torch.load + load_state_dict"].append(time.perf_counter() - t0)
+        del state
+        file.unlink()
+    med = report("\npart 1", t, args.rounds)
+    save, base = med["distllm save"], med["torch.save + fsync"]
+    print(f"ratio one-process distllm save / torch.save + fsync: {save / base:.2f}x (target <= 1.0x)")
+    print(f"ratio async save blocked / sync save: {async_blocked(med) / save:.2f}x (target <= 0.2x; the first, "
+          f"allocating its buffer: {med['distllm async save (first): blocked'] / save:.2f}x); async until committed "
+          f"{med['distllm async save (first): until committed']:.2f} s")
+    print(f"ratio distllm load / torch.load + load_state_dict: {med['distllm load'] / med['torch.load + load_state_dict']:.2f}x "
           f"(verify=False: {med['distllm load, verify=False'] / med['torch.load + load_state_dict']:.2f}x)")
-    print(f"training loop blocked per checkpoint: {save:.2f} s = the whole save (checkpoint.save is synchronous)")
-    hashed, synced, written = (med.get(f"distllm save: {p}", 0.0) for p in ("sha256", "fsync", "write tensors"))
-    print(f"of the save: sha256 {hashed:.2f} s ({hashed / save:.0%}), write tensors {written:.2f} s "
-          f"({written / save:.0%}), fsync {synced:.2f} s ({synced / save:.0%}), "
-          f"collect state {med.get('distllm save: collect state', 0.0):.2f} s; "
-          f"of the load: sha256 {med['distllm load: sha256']:.2f} s ({med['distllm load: sha256'] / load:.0%})")
-    return t
+    state_bytes = sum(p.numel() * 12 for p in model.parameters())
+    print_memory(mem, state_bytes)
 
 
-# ---------------------------------------------------------------------------- part 2: ZeRO-2 on 2 processes
+# ---------------------------------------------------------------------------- part 2: 2 processes
 
 
-def zero2_worker(args: argparse.Namespace) -> None:
+def worker(args: argparse.Namespace) -> None:
     import torch
 
     from distllm import checkpoint, distributed
-
     from distllm.model import Transformer
     from distllm.optim import build_optimizer
 
-    cfg = config(args.tiny, zero_stage=2)
+    stage = None if args.mode == "ddp" else int(args.mode.removeprefix("zero"))
+    cfg = config(args.tiny, zero_stage=stage, world=2)
     rt = distributed.setup(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(rt.device)
+    with rt.init_context():
+        model = Transformer(cfg.model)
+    if stage != 3:
+        model = model.to(rt.device)
     optimizer = build_optimizer(model, cfg.optim, rt.device.type)
     model, optimizer = rt.parallelize(model, optimizer, cfg.train)
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
-    root = Path(args.dir) / "zero2"
+    rt.unwrap(model)  # Accelerate imports DeepSpeed on its first unwrap (5 s): not the save's cost
+    root = Path(args.dir) / args.mode
     t: dict[str, list[float]] = defaultdict(list)
-    sizes: dict[str, int] = {}
+    mem: dict[str, int] = {}
 
     def timed(name: str, fn):
         rt.barrier()
@@ -253,60 +291,99 @@ def zero2_worker(args: argparse.Namespace) -> None:
         t[name].append(time.perf_counter() - t0)
         return out
 
-    # distllm's rounds first: DeepSpeed's load_checkpoint re-links every parameter to a fresh fragment
-    # mapping without its optimizer-state link (its flag says linked), after which
-    # safe_get_full_optimizer_state fails; distllm never calls load_checkpoint, so it never meets this.
-    for fmt in ("distllm", "deepspeed"):
-        for r in range(args.rounds):
-            if fmt == "distllm":
-                run_dir = root / f"distllm-{r}"
-                parts: dict[str, float] = defaultdict(float)
-                with time_calls(parts):
-                    path = timed("distllm save", lambda: checkpoint.save(rt, run_dir, 1, model, optimizer,
-                                                                         train_state(cfg), keep_last=1))
-                for part, s in parts.items():
-                    t[f"distllm save: {part} (rank 0)"].append(s)
-                timed("distllm load", lambda: checkpoint.load(rt, path, model, optimizer, verify=True))
-            else:
-                run_dir = root / f"deepspeed-{r}"
-                timed("deepspeed save_checkpoint", lambda: model.save_checkpoint(str(run_dir), tag="step1"))
-                timed("deepspeed load_checkpoint", lambda: model.load_checkpoint(str(run_dir), tag="step1"))
-            if rt.is_main:
-                sizes[fmt] = dir_bytes(run_dir)
-                shutil.rmtree(run_dir)
+    path = save_rounds(rt, cfg, model, optimizer, root, args.rounds, t, mem, barrier=rt.barrier)
+    # distllm's rounds first: DeepSpeed's load_checkpoint re-links the parameters to fresh fragments
+    for r in range(args.rounds):
+        base = root / f"baseline-{r}"
+        if rt.deepspeed:
+            with peak_growth(mem, "deepspeed save_checkpoint"):
+                timed("deepspeed save_checkpoint", lambda: model.save_checkpoint(str(base), tag="step1"))
+            # DeepSpeed does not fsync: what the same durability costs it (each rank its own files)
+            t0 = time.perf_counter()
+            for f in sorted(base.rglob("*")):
+                if f.is_file() and (f"rank_{rt.rank}" in f.name or f"rank{rt.rank}" in f.name or
+                                    (rt.is_main and "rank" not in f.name)):
+                    checkpoint.fsync_path(f)
             rt.barrier()
-    write_report(args.out, args.tag, rt.rank, {"times": t, "sizes": sizes})
+            t["deepspeed save_checkpoint + fsync"].append(t["deepspeed save_checkpoint"][-1] + time.perf_counter() - t0)
+            timed("deepspeed load_checkpoint", lambda: model.load_checkpoint(str(base), tag="step1"))
+        else:
+            def torch_save():
+                if rt.is_main:
+                    base.mkdir(parents=True, exist_ok=True)
+                    file = base / "state.pt"
+                    torch.save({"model": rt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}, file)
+                    checkpoint.fsync_path(file)
+
+            with peak_growth(mem, "rank-0 torch.save"):
+                timed("rank-0 torch.save + fsync", torch_save)
+        if rt.is_main:
+            shutil.rmtree(base, ignore_errors=True)
+        rt.barrier()
+    if rt.is_main:  # kept for part 3: a 2-rank checkpoint loaded into one process
+        shutil.copytree(path, Path(args.dir) / f"keep-{args.mode}")
+    from distllm.model import count_params
+
+    write_report(args.out, args.tag, rt.rank, {"times": t, "mem": mem, "state_bytes": count_params(cfg.model) * 12})
     finish_worker()
 
 
-def zero2(args: argparse.Namespace, root: Path) -> None:
-    print(f"\npart 2: 2 processes, DeepSpeed ZeRO-2 | {machine_load()}", flush=True)
-    extra = [f"--rounds={args.rounds}", f"--dir={root}"] + (["--tiny"] if args.tiny else [])
-    rank0 = run_workers(__file__, 2, extra, root, tag="zero2", threads=1)[0]
-    med = {k: statistics.median(v) for k, v in rank0["times"].items()}
-    print(f"{'part 2 (median of ' + str(args.rounds) + ' rounds, barrier to barrier)':<48}{'seconds':>9}")
-    for k, v in med.items():
-        print(f"{k:<48}{v:>9.2f}")
-    sizes = rank0["sizes"]
-    print(f"bytes: distllm {sizes['distllm'] / MB:.0f} MB, DeepSpeed {sizes['deepspeed'] / MB:.0f} MB")
-    print(f"training loop blocked per checkpoint under ZeRO-2: {med['distllm save']:.2f} s = the whole save "
-          f"(synchronous); of it, on rank 0: collect state (gathers) "
-          f"{med.get('distllm save: collect state (rank 0)', 0.0):.2f} s, "
-          f"sha256 {med.get('distllm save: sha256 (rank 0)', 0.0):.2f} s")
-    print(f"ratio ZeRO-2 distllm save / deepspeed save_checkpoint: "
-          f"{med['distllm save'] / med['deepspeed save_checkpoint']:.2f}x")
-    print(f"ratio ZeRO-2 distllm load / deepspeed load_checkpoint: "
-          f"{med['distllm load'] / med['deepspeed load_checkpoint']:.2f}x")
+def two_processes(args: argparse.Namespace, root: Path, mode: str) -> None:
+    print(f"\npart 2: 2 processes, {mode} | {machine_load()}", flush=True)
+    extra = [f"--rounds={args.rounds}", f"--dir={root}", f"--mode={mode}"] + (["--tiny"] if args.tiny else [])
+    reports = run_workers(__file__, 2, extra, root, tag=mode, threads=1)
+    med = report(f"part 2, {mode}, rank 0", reports[0]["times"], args.rounds)
+    save = med["distllm save"]
+    if mode == "ddp":
+        print(f"ratio DDP distllm save / rank-0 torch.save + fsync: {save / med['rank-0 torch.save + fsync']:.2f}x "
+              "(target <= 1.0x)")
+    else:
+        print(f"ratio {mode} distllm save / deepspeed save_checkpoint: {save / med['deepspeed save_checkpoint']:.2f}x "
+              f"(target <= 1.0x; / deepspeed save_checkpoint + fsync of its files, the durability distllm's save "
+              f"includes: {save / med['deepspeed save_checkpoint + fsync']:.2f}x)")
+        print(f"ratio {mode} distllm load (2 ranks) / deepspeed load_checkpoint: "
+              f"{med['distllm load'] / med['deepspeed load_checkpoint']:.2f}x (verify=False, no sha256: "
+              f"{med['distllm load, verify=False'] / med['deepspeed load_checkpoint']:.2f}x)")
+    print(f"ratio {mode} async save blocked / sync save: {async_blocked(med) / save:.2f}x (target <= 0.2x; the first, "
+          f"allocating its buffer: {med['distllm async save (first): blocked'] / save:.2f}x)")
+    for rank, rep in enumerate(reports):
+        print(f"rank {rank}: ", end="")
+        print_memory(rep["mem"], rep["state_bytes"] / 2)  # what each rank writes (DDP: its half of the parameters)
+
+
+def one_process_load(args: argparse.Namespace, root: Path, modes: list[str]) -> None:
+    import torch
+
+    from distllm import checkpoint, distributed
+    from distllm.model import Transformer
+    from distllm.optim import build_optimizer
+
+    cfg = config(args.tiny)
+    rt = distributed.local_runtime()
+    model = Transformer(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
+    print(f"\npart 3: one process loads the 2-rank checkpoints | {machine_load()}")
+    for mode in modes:
+        times = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            checkpoint.load(rt, root / f"keep-{mode}", model, optimizer, verify=True)
+            times.append(time.perf_counter() - t0)
+        print(f"{'1-rank load of a 2-rank ' + mode + ' checkpoint':<56}{statistics.median(times):>9.2f}")
 
 
 def main() -> None:
     args = parse_args()
     if args.worker:
-        return zero2_worker(args)
+        return worker(args)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=args.dir) as tmp:
         single_process(args, Path(tmp))
-        if not args.no_zero2:
-            zero2(args, Path(tmp))
+        if not args.no_multi:
+            modes = args.engines.split(",")
+            for mode in modes:
+                two_processes(args, Path(tmp), mode)
+            one_process_load(args, Path(tmp), modes)
     print(f"done | {machine_load()}")
 
 

@@ -3,29 +3,47 @@
 Layout of a run directory::
 
     RUN_DIR/checkpoints/step_000300/
-        model.safetensors             full fp32 weights by parameter name (one process or DDP), or
-        model-rank00000.safetensors   ... one file per rank under ZeRO: each rank writes the whole
-        model-rank00001.safetensors       tensors of the parameters it owns (parameter i -> rank i % N)
-        optimizer*.safetensors        AdamW moments "<name>.exp_avg" / "<name>.exp_avg_sq", same sharding
+        model.safetensors             one process: the fp32 weights by parameter name (whole tensors)
+        model-rank00000.safetensors   ... several processes: each rank's own part, written by that rank
+        model-rank00001.safetensors       alone (DDP: whole tensors of the parameters assigned to it, by
+                                          name; ZeRO: its flat fp32 partitions "group0", "group1", ...)
+        optimizer*.safetensors        AdamW's exp_avg / exp_avg_sq beside each model file ("<key>.exp_avg")
         rng-rank00000.json ...        torch / CUDA / numpy / python RNG states of every rank
         state.json                    step, tokens, data position, tokenizer fingerprint, resolved config
         tokenizer.json                the tokenizer the run trained with (for eval / generate / export)
-        COMPLETE                      commit marker: a manifest of every file's size and sha256, written last
+        COMPLETE                      commit marker, written last: the manifest of every file's size and
+                                      sha256, and the index ``params``: for each parameter name its shape
+                                      and the pieces that hold it ({file, tensor, offset in that tensor,
+                                      start in the flattened parameter, numel}); a moment's piece is in
+                                      the file "optimizer..." beside "model..." under "<tensor>.exp_avg"
 
-The format does not depend on the number of processes or the engine: a checkpoint written by 2
-ZeRO-3 ranks loads into 1 process, into DDP or into ZeRO-2 with no conversion step, with the
-Adam moments restored exactly (``load_training_state`` maps them by parameter name).
-Nothing is pickled: tensors go through safetensors, everything else is JSON.
+Nothing is gathered to save: under ZeRO each rank writes its own partition of the fp32 master
+weights and of the moments as they lie in memory (read through ``deepspeed_fence``), under DDP the
+ranks share the parameters out so that the writes run in parallel. Only the small reports of the
+commit cross the network. Loading reads, through the index, only the byte ranges a rank needs
+(safetensors slices): under ZeRO-3 its own partition, under ZeRO-1/2 the whole weights (the module
+holds them whole) but only its partition of the moments, under DDP / one process everything. So a
+checkpoint written by 2 ZeRO-3 ranks loads into 1 process, into DDP or into ZeRO-2 with no conversion
+step, with the Adam moments restored exactly. Nothing is pickled: tensors go through safetensors,
+everything else is JSON. Format 3; format-2 checkpoints (whole tensors, no index) are refused with
+their version.
 
 Commit protocol (``save``), run by every rank:
 
-1. rank 0 creates the hidden ``.tmp-step_N`` directory; every rank writes its files into it and
-   fsyncs them;
-2. every rank reports (file sizes, checksums, or its error) to every rank: if any rank failed, all
-   ranks raise the same CheckpointError (no rank waits forever), the temporary directory is removed
-   and the previous checkpoint stays the newest committed one;
-3. rank 0 renames the directory into place, then writes ``COMPLETE`` (atomically) and fsyncs;
+1. rank 0 creates the hidden ``.tmp-step_N`` directory; every rank writes its files into it, hashing
+   each in the pass that writes it, and fsyncs them (``distllm.tensorfile``);
+2. every rank reports (file sizes, checksums, its index pieces, or its error) to every rank: if any
+   rank failed, all ranks raise the same CheckpointError (no rank waits forever), the temporary
+   directory is removed and the previous checkpoint stays the newest committed one;
+3. rank 0 checks that the pieces cover every parameter, renames the directory into place, then writes
+   ``COMPLETE`` (atomically) and fsyncs;
 4. only then are checkpoints beyond ``keep_last`` deleted, each one's marker first.
+
+Asynchronous save (``Checkpointer`` with ``async_save``): step 1's state is first copied to host memory
+(pinned on CUDA) at the step boundary, a background thread writes, hashes and fsyncs, and training goes
+on; steps 2-4 run on the main thread at a later step boundary, once every rank's writes are durable
+(agreed by one small all-reduce per step while a save is in flight: collectives never run from the
+thread). At most one save is in flight.
 
 A directory without ``COMPLETE``, or whose files do not match it, is never loaded.
 """
@@ -39,21 +57,26 @@ import os
 import random
 import re
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from distllm import deepspeed_fence, faults
+from distllm import deepspeed_fence, faults, tensorfile
 from distllm.durable import fsync_path, sha256_file, write_durably
 from distllm.errors import CheckpointError
 
 if TYPE_CHECKING:
     from distllm.distributed import Runtime
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MARKER = "COMPLETE"
+KINDS = ("weight", "exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names in a manifest: no separators, nothing hidden
 
@@ -90,6 +113,8 @@ def read_marker(path: Path) -> dict:
     for name in files:
         if not _FILE_NAME.match(name) or name in (".", ".."):
             raise CheckpointError(f"checkpoint {path}: {MARKER} names {name!r}, which is not a plain file name")
+    if not isinstance(manifest.get("params"), dict):
+        raise CheckpointError(f"checkpoint {path}: {MARKER} has no index of parameters")
     return manifest
 
 
@@ -197,44 +222,99 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} has no readable state.json: {e}") from None
 
 
-# ---------------------------------------------------------------------------- tensors
+# ---------------------------------------------------------------------------- reading tensors through the index
 
 
 class TensorReader:
-    """Lazy access by key to the tensors of a checkpoint's ``<prefix>*.safetensors`` files."""
+    """The tensors of a committed checkpoint by parameter name, read through the index of its manifest:
+    ``read(name, kind, start, stop)`` reads only the byte ranges of the pieces that hold elements
+    [start, stop) of the flattened parameter; ``get(name)`` a whole tensor in its shape."""
 
-    def __init__(self, path: Path, prefix: str, files: list[str]):
-        from safetensors import safe_open
-
-        self.path, self._where = Path(path), {}
-        self._handles = []
-        for name in sorted(f for f in files if f.startswith(prefix) and f.endswith(".safetensors")):
-            try:
-                handle = safe_open(str(self.path / name), framework="pt")
-            except Exception as e:  # safetensors raises its own types for a corrupt header
-                raise CheckpointError(f"cannot read {self.path / name}: {_first_line(e)}") from None
-            self._handles.append(handle)
-            for key in handle.keys():
-                self._where[key] = handle
-            self.metadata = handle.metadata() or {}
+    def __init__(self, path: Path, manifest: dict | None = None):
+        self.path = Path(path)
+        self.manifest = read_marker(self.path) if manifest is None else manifest
+        self.params: dict[str, dict] = self.manifest["params"]
+        self.adam_step = int(self.manifest.get("adam_step", 0))
+        self._handles: dict[str, object] = {}
 
     def keys(self) -> set[str]:
-        return set(self._where)
+        return set(self.params)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
+    def __contains__(self, name: str) -> bool:
+        return name in self.params
 
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
-            raise CheckpointError(f"checkpoint {self.path} has no tensor {key!r}")
-        return self._where[key].get_tensor(key)
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.params[name]["shape"])
+
+    def numel(self, name: str) -> int:
+        return int(np.prod(self.shape(name), dtype=np.int64))
+
+    def files(self, name: str, kind: str = "weight", start: int = 0, stop: int | None = None) -> set[str]:
+        """The files that ``read`` with the same arguments opens."""
+        return {file for file, *_ in self._pieces(name, kind, start, stop)}
+
+    def read(self, name: str, kind: str = "weight", start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened parameter ``name`` (``kind``: weight, exp_avg, exp_avg_sq)."""
+        stop = self.numel(name) if stop is None else stop
+        parts = [(lo, hi, _flat_range(self._slice(file, tensor), at, at + hi - lo))
+                 for file, tensor, at, lo, hi in self._pieces(name, kind, start, stop)]
+        if sum(hi - lo for lo, hi, _ in parts) != stop - start:
+            raise CheckpointError(f"checkpoint {self.path}: its pieces of {name} ({kind}) do not cover "
+                                  f"elements {start}..{stop}")
+        if len(parts) == 1:
+            return parts[0][2].to(torch.float32)  # one piece: no second copy
+        out = torch.empty(stop - start, dtype=torch.float32)
+        for lo, hi, part in parts:
+            out[lo - start : hi - start] = part
+        return out
+
+    def get(self, name: str, kind: str = "weight") -> torch.Tensor:
+        if name not in self.params:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
+        return self.read(name, kind).view(self.shape(name))
+
+    def _pieces(self, name: str, kind: str, start: int, stop: int | None):
+        """(file, tensor key, offset in that tensor, lo, hi) of every piece holding elements [lo, hi) of
+        [start, stop)."""
+        stop = self.numel(name) if stop is None else stop
+        for piece in self.params[name]["pieces"]:
+            lo, hi = max(start, piece["start"]), min(stop, piece["start"] + piece["numel"])
+            if lo >= hi:
+                continue
+            file, tensor = piece["file"], piece["tensor"]
+            if kind != "weight":
+                file, tensor = "optimizer" + file.removeprefix("model"), f"{tensor}.{kind}"
+            if file not in self.manifest["files"]:
+                raise CheckpointError(f"checkpoint {self.path}: its index names {file!r}, which {MARKER} does not list")
+            yield file, tensor, piece["offset"] + lo - piece["start"], lo, hi
+
+    def _slice(self, file: str, tensor: str):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.path / file), framework="pt")
+            except Exception as e:  # safetensors raises its own types for a corrupt header
+                raise CheckpointError(f"cannot read {self.path / file}: {_first_line(e)}") from None
+        try:
+            return self._handles[file].get_slice(tensor)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {tensor} from {self.path / file}: {_first_line(e)}") from None
+
+
+def _flat_range(sl, a: int, b: int) -> torch.Tensor:
+    """Elements [a, b) of a safetensors slice's flattened tensor, reading whole rows only."""
+    shape = sl.get_shape()
+    if len(shape) <= 1:
+        return sl[a:b]
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    r0, r1 = a // row, -(-b // row)
+    return sl[r0:r1].reshape(-1)[a - r0 * row : b - r0 * row]
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into a single-device model (eval, generate), strictly."""
-    manifest = read_marker(path)
-    reader = TensorReader(path, "model", list(manifest["files"]))
-    copy_weights(model, reader, path)
+    copy_weights(model, TensorReader(path), path)
 
 
 def check_names(path: Path, model_names: set[str], saved_names: set[str]) -> None:
@@ -260,100 +340,216 @@ def copy_weights(model: torch.nn.Module, reader: TensorReader, path: Path) -> No
     check_names(path, set(params), reader.keys())
     with torch.no_grad():
         for name, p in params.items():
-            t = reader.get(name)
-            check_shape(path, name, t.shape, p.shape)
-            p.copy_(t)
+            check_shape(path, name, reader.shape(name), p.shape)
+            p.copy_(reader.get(name))
 
 
-# ---------------------------------------------------------------------------- engine state <-> tensors by name
+# ---------------------------------------------------------------------------- what each rank writes
 
 
 def _named_params(rt: "Runtime", model) -> list[tuple[str, torch.nn.Parameter]]:
     return list(rt.unwrap(model).named_parameters())  # shared (tied) tensors once, in a fixed order
 
 
-def owned_state(rt: "Runtime", model, optimizer) -> tuple[dict, dict, int]:
-    """(weights, AdamW moments, Adam step count) that this rank writes into a checkpoint: whole fp32
-    tensors by parameter name. DDP / one process: rank 0 writes everything. ZeRO: the shards are
-    gathered parameter by parameter (a collective) and parameter i is written by rank i % N."""
+def ddp_writers(numels: list[int], world_size: int) -> list[int]:
+    """The rank that writes each parameter when every rank holds them all (DDP): the largest first,
+    each to the rank with the fewest bytes so far, so that the ranks write about as much in parallel."""
+    load, owner = [0] * world_size, [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i], load[rank] = rank, load[rank] + numels[i]
+    return owner
+
+
+@dataclass
+class Shard:
+    """What one rank writes into a checkpoint: safetensors files (host tensors by key), small files
+    (bytes), and its pieces of the index (parameter name -> pieces)."""
+
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    texts: dict[str, bytes] = field(default_factory=dict)
+    pieces: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts.values())
+
+
+def own_shard(rt: "Runtime", model, optimizer, buffers: dict | None = None) -> tuple[Shard, int]:
+    """(this rank's part of the checkpoint, AdamW's step count). Local: no collective, nothing gathered.
+
+    ``buffers``: snapshot the tensors into these host buffers (pinned on CUDA; kept by the caller and reused
+    by the next snapshot, so that it costs a copy, not an allocation) so that training may go on while they
+    are written; None: CPU tensors are written in place (the caller blocks until they are)."""
     params = _named_params(rt, model)
+    shard = Shard()
+    name_of = f"model-rank{rt.rank:05d}.safetensors" if rt.world_size > 1 or rt.deepspeed else "model.safetensors"
+    opt_name = "optimizer" + name_of.removeprefix("model")
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
     if not rt.deepspeed:
-        step = 0
-        if rt.is_main:
-            for name, p in params:
-                weights[name] = p.detach().to("cpu", torch.float32).contiguous()
-                st = optimizer.state.get(p, {})
-                if "exp_avg" in st:
-                    moments[f"{name}.exp_avg"] = st["exp_avg"].detach().to("cpu").contiguous()
-                    moments[f"{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu").contiguous()
-                    step = int(st["step"])
-        return weights, moments, step
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        owners = ddp_writers([p.numel() for _, p in params], rt.world_size)
+        states = [optimizer.state.get(p, {}) for _, p in params]
+        adam_step = next((int(st["step"]) for st in states if "step" in st), 0)
+        for (name, p), owner, st in zip(params, owners, states):
+            if owner != rt.rank:
+                continue
+            weights[name] = _host(p.detach().to(torch.float32), buffers, name)
+            if adam_step:
+                for kind in KINDS[1:]:
+                    key = f"{name}.{kind}"
+                    moments[key] = _host(st[kind].detach(), buffers, key) if kind in st else torch.zeros_like(
+                        weights[name])
+            shard.pieces[name] = [{"file": name_of, "tensor": name, "offset": 0, "start": 0, "numel": p.numel()}]
+    else:
+        adam_step = deepspeed_fence.adam_step(model)
+        flats = deepspeed_fence.flat_partitions(model)
+        for g, flat in enumerate(flats):
+            weights[f"group{g}"] = _host(flat.detach(), buffers, f"group{g}")
+            if adam_step:
+                for kind, t in zip(KINDS[1:], deepspeed_fence.partition_moments(model, g)):
+                    moments[f"group{g}.{kind}"] = _host(t.detach(), buffers, f"group{g}.{kind}")
+        local = deepspeed_fence.local_pieces(model, [p for _, p in params])
+        for (name, _), pieces in zip(params, local):
+            if pieces:
+                shard.pieces[name] = [{"file": name_of, "tensor": f"group{g}", "offset": off, "start": start,
+                                       "numel": n} for g, off, start, n in pieces]
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()  # the non-blocking copies into pinned memory are done
+    if weights:
+        shard.tensors[name_of], shard.metadata[name_of] = weights, {"format": "pt"}
+    if moments:
+        shard.tensors[opt_name] = moments
+        shard.metadata[opt_name] = {"format": "pt", "adam_step": str(adam_step)}
+    return shard, adam_step
 
-    step = deepspeed_fence.adam_step(model)
-    (has_state,) = rt.any(step > 0)  # every rank takes the same branch: the gathers are collectives
-    for i, (name, p) in enumerate(params):
-        full = safe_get_full_fp32_param(p)
-        m = safe_get_full_optimizer_state(p, "exp_avg") if has_state else None
-        v = safe_get_full_optimizer_state(p, "exp_avg_sq") if has_state else None
-        if i % rt.world_size == rt.rank:
-            shape = deepspeed_fence.full_shape(p)
-            weights[name] = full.detach().to("cpu").reshape(shape).contiguous()
-            if has_state:
-                moments[f"{name}.exp_avg"] = m.detach().to("cpu").reshape(shape).contiguous()
-                moments[f"{name}.exp_avg_sq"] = v.detach().to("cpu").reshape(shape).contiguous()
-    return weights, moments, step
 
-
-def load_training_state(rt: "Runtime", model, optimizer, weights: "TensorReader", moments: "TensorReader",
-                        adam_step: int, path: Path) -> None:
-    """Set weights and AdamW state from a checkpoint's TensorReaders (any engine, any number of ranks)."""
-    params = _named_params(rt, model)
-    check_names(path, {n for n, _ in params}, weights.keys())
-    has_moments = bool(moments.keys())
-    if not rt.deepspeed:
-        copy_weights(rt.unwrap(model), weights, path)
-        if has_moments:
-            sd = optimizer.state_dict()
-            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-            sd["state"] = {
-                index[id(p)]: {"step": torch.tensor(float(adam_step)),
-                               "exp_avg": moments.get(f"{n}.exp_avg"),
-                               "exp_avg_sq": moments.get(f"{n}.exp_avg_sq")}
-                for n, p in params
-            }
-            optimizer.load_state_dict(sd)
-        return
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if has_moments:
-        deepspeed_fence.set_adam_step(model, adam_step)
-    for name, p in params:
-        full = weights.get(name)
-        check_shape(path, name, full.shape, deepspeed_fence.full_shape(p))  # ZeRO-3: the real shape
-        full = full.to(rt.device)
-        safe_set_full_fp32_param(p, full)  # the fp32 master partition
-        if has_moments:
-            safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg").to(rt.device), "exp_avg")
-            safe_set_full_optimizer_state(p, moments.get(f"{name}.exp_avg_sq").to(rt.device), "exp_avg_sq")
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=rt.zero_stage == 3):
-            with torch.no_grad():
-                p.copy_(full)  # the working (module) copy; under ZeRO-3 re-partitioned on exit
+def _host(t: torch.Tensor, buffers: dict | None, key: str) -> torch.Tensor:
+    """``t`` in host memory: itself (a CPU tensor written in place), else a copy into ``buffers[key]``."""
+    if buffers is None and t.device.type == "cpu":
+        return t.contiguous()
+    buffers = {} if buffers is None else buffers
+    buf = buffers.get(key)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+    return buf.copy_(t, non_blocking=t.device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------- save (collective)
 
 
-def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer, state: dict, keep_last: int,
-         tokenizer_file: Path | None = None) -> Path:
-    """Write checkpoint ``step`` with the commit protocol of the module docstring. Every rank calls it."""
+@dataclass
+class PendingSave:
+    """One checkpoint on its way: ``begin`` (collective) -> ``write`` (this rank's files; local, may run on
+    a background thread) -> ``commit`` (collective)."""
+
+    rt: "Runtime"
+    run_dir: Path
+    step: int
+    tmp: Path
+    final: Path
+    shard: Shard
+    adam_step: int
+    shapes: dict[str, list[int]]
+    tokenizer_file: Path | None
+    files: dict[str, dict] = field(default_factory=dict)
+    error: str | None = None
+    write_seconds: float = 0.0
+
+    def write(self) -> None:
+        """Write, hash and fsync this rank's files into the temporary directory; never raises (the error is
+        kept for ``commit`` to report)."""
+        t0 = time.monotonic()
+        try:
+            if not self.tmp.is_dir():
+                raise CheckpointError(f"{self.tmp} is not visible on rank {self.rt.rank}: run.dir must be on a "
+                                      "filesystem that every node shares")
+            jobs = list(self.shard.tensors.items())
+            with ThreadPoolExecutor(max_workers=max(1, min(4, len(jobs)))) as pool:  # files in parallel
+                done = pool.map(lambda job: (job[0], tensorfile.write(self.tmp / job[0], job[1],
+                                                                       self.shard.metadata.get(job[0]))), jobs)
+                for i, (name, (size, sha)) in enumerate(done):
+                    self.files[name] = {"size": size, "sha256": sha}
+                    if i == 0:
+                        faults.trigger("save", rank=self.rt.rank, step=self.step)
+            if not jobs:
+                faults.trigger("save", rank=self.rt.rank, step=self.step)
+            texts = dict(self.shard.texts)
+            if self.tokenizer_file is not None:
+                texts["tokenizer.json"] = Path(self.tokenizer_file).read_bytes()
+            for name, data in texts.items():
+                size, sha = tensorfile.write_bytes(self.tmp / name, data)
+                self.files[name] = {"size": size, "sha256": sha}
+        except Exception as e:  # a full disk comes as OSError, RuntimeError or SafetensorError
+            self.error = _describe(e)
+        self.shard = Shard(pieces=self.shard.pieces)  # the snapshot is written: free it
+        self.write_seconds = time.monotonic() - t0
+
+    def commit(self, keep_last: int) -> Path:
+        """Every rank: exchange the reports; rank 0 commits. CheckpointError (the same on every rank) if any
+        rank failed."""
+        rt, final = self.rt, self.final
+        reports = rt.gather_object((self.files, self.shard.pieces, self.error))  # every rank reaches this
+        failed = [(r, err) for r, (_, _, err) in enumerate(reports) if err]
+        if failed:
+            if rt.is_main:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            rank, err = failed[0]
+            where = f" on rank {rank}" if rt.world_size > 1 else ""
+            raise CheckpointError(f"could not write checkpoint {final}{where}: {err}{_intact(self.run_dir)}")
+        error = None
+        if rt.is_main:
+            try:
+                manifest = {"format_version": FORMAT_VERSION, "step": self.step, "world_size": rt.world_size,
+                            "engine": rt.engine_name, "adam_step": self.adam_step, "files": {},
+                            "params": {n: {"shape": s, "pieces": []} for n, s in self.shapes.items()}}
+                for files, pieces, _ in reports:
+                    manifest["files"].update(files)
+                    for name, own in pieces.items():
+                        manifest["params"][name]["pieces"].extend(own)
+                check_index(manifest)
+                root = self.tmp.parent
+                fsync_path(self.tmp)
+                if final.exists():  # an uncommitted leftover of a crashed save of this step
+                    shutil.rmtree(final)
+                self.tmp.rename(final)
+                write_durably(final / MARKER, json.dumps(manifest, indent=1) + "\n")
+                fsync_path(final)
+                fsync_path(root)
+                for old in complete_checkpoints(self.run_dir)[:-keep_last]:
+                    _retire(old, root / f".old-{old.name}")
+            except Exception as e:
+                error = _describe(e)
+        error = rt.broadcast_object(error)
+        if error:
+            raise CheckpointError(f"could not commit checkpoint {final}: {error}{_intact(self.run_dir)}")
+        return final
+
+
+def check_index(manifest: dict) -> None:
+    """Every parameter's pieces cover its elements exactly once (a save that missed a piece is not committed)."""
+    for name, entry in manifest["params"].items():
+        numel = int(np.prod(entry["shape"], dtype=np.int64))
+        pieces = sorted(entry["pieces"], key=lambda p: p["start"])
+        entry["pieces"] = pieces
+        at = 0
+        for p in pieces:
+            if p["start"] != at or p["numel"] <= 0:
+                break
+            at += p["numel"]
+        if at != numel:
+            raise CheckpointError(f"the pieces written of {name} do not cover its {numel} elements exactly")
+
+
+def begin(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer, state: dict,
+          tokenizer_file: Path | None = None, buffers: dict | None = None) -> PendingSave | None:
+    """Collective: prepare checkpoint ``step`` (the temporary directory, this rank's snapshot); None when
+    that step is already committed (the same state: a good checkpoint is never replaced)."""
     root, final = checkpoint_dir(run_dir), step_path(run_dir, step)
     tmp = root / f".tmp-{final.name}"
     if rt.broadcast_object(is_committed(final) if rt.is_main else None):
-        return final  # this step is already committed (the same state): never replace a good checkpoint
+        return None
     error = None
     if rt.is_main:
         try:
@@ -365,72 +561,24 @@ def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer,
     error = rt.broadcast_object(error)
     if error:
         raise CheckpointError(f"could not write checkpoint {final}: {error}{_intact(run_dir)}")
-
-    weights, moments, adam_step = owned_state(rt, model, optimizer)  # collective under ZeRO
-    single = not rt.deepspeed  # one writer holds everything: plain file names other tools read
-    suffix = "" if single else f"-rank{rt.rank:05d}"
-    files: dict[str, dict] = {}
-    try:
-        if not tmp.is_dir():
-            raise CheckpointError(f"{tmp} is not visible on rank {rt.rank}: run.dir must be on a filesystem "
-                                  "that every node shares")
-        from safetensors.torch import save_file
-
-        written: list[str] = []
-        if weights or rt.is_main:
-            save_file(weights, str(tmp / f"model{suffix}.safetensors"), metadata={"format": "pt"})
-            written.append(f"model{suffix}.safetensors")
-            faults.trigger("save", rank=rt.rank, step=step)
-            save_file(moments, str(tmp / f"optimizer{suffix}.safetensors"),
-                      metadata={"format": "pt", "adam_step": str(adam_step)})
-            written.append(f"optimizer{suffix}.safetensors")
-        else:
-            faults.trigger("save", rank=rt.rank, step=step)
-        rng_name = f"rng-rank{rt.rank:05d}.json"
-        (tmp / rng_name).write_text(json.dumps(rng_state()))
-        written.append(rng_name)
-        if rt.is_main:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-            written.append("state.json")
-            if tokenizer_file is not None:
-                shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-                written.append("tokenizer.json")
-        for name in written:
-            fsync_path(tmp / name)
-            files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    except Exception as e:  # torch / safetensors report a full disk as RuntimeError or SafetensorError
-        error = _describe(e)
-    reports = rt.gather_object((files, error))  # every rank reaches this, whatever happened above
-    failed = [(r, err) for r, (_, err) in enumerate(reports) if err]
-    if failed:
-        if rt.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        rank, err = failed[0]
-        where = f" on rank {rank}" if rt.world_size > 1 else ""
-        raise CheckpointError(f"could not write checkpoint {final}{where}: {err}{_intact(run_dir)}")
-
-    error = None
+    shard, adam_step = own_shard(rt, model, optimizer, buffers)
+    shard.texts[f"rng-rank{rt.rank:05d}.json"] = json.dumps(rng_state()).encode()
     if rt.is_main:
-        try:
-            manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": rt.world_size,
-                        "engine": rt.engine_name, "files": {}}
-            for rank_files, _ in reports:
-                manifest["files"].update(rank_files)
-            fsync_path(tmp)
-            if final.exists():  # an uncommitted leftover of a crashed save of this step
-                shutil.rmtree(final)
-            tmp.rename(final)
-            write_durably(final / MARKER, json.dumps(manifest, indent=1) + "\n")
-            fsync_path(final)
-            fsync_path(root)
-            for old in complete_checkpoints(run_dir)[:-keep_last]:
-                _retire(old, root / f".old-{old.name}")
-        except Exception as e:
-            error = _describe(e)
-    error = rt.broadcast_object(error)
-    if error:
-        raise CheckpointError(f"could not commit checkpoint {final}: {error}{_intact(run_dir)}")
-    return final
+        shard.texts["state.json"] = json.dumps({"step": step, **state}, indent=2).encode()
+    shapes = {name: list(deepspeed_fence.full_shape(p)) for name, p in _named_params(rt, model)}
+    return PendingSave(rt, Path(run_dir), step, tmp, final, shard, adam_step, shapes,
+                       tokenizer_file if rt.is_main else None)
+
+
+def save(rt: "Runtime", run_dir: str | os.PathLike, step: int, model, optimizer, state: dict, keep_last: int,
+         tokenizer_file: Path | None = None) -> Path:
+    """Write checkpoint ``step`` with the commit protocol of the module docstring, synchronously. Every
+    rank calls it."""
+    pending = begin(rt, run_dir, step, model, optimizer, state, tokenizer_file)
+    if pending is None:
+        return step_path(run_dir, step)
+    pending.write()
+    return pending.commit(keep_last)
 
 
 def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
@@ -485,31 +633,103 @@ def _first_line(e: BaseException) -> str:
 def load(rt: "Runtime", path: Path, model, optimizer, verify: bool = True) -> dict:
     """Restore weights, optimizer moments and this rank's RNG from a committed checkpoint; return its state.
 
-    Works for any number of processes and any engine (see the module docstring). Every rank calls it.
-    """
+    Works for any number of processes and any engine (see the module docstring). Each rank checks and
+    reads only the files that hold what it needs. Every rank calls it."""
     manifest = read_marker(path)
-    check_files(path, manifest, verify=verify)
-    files = list(manifest["files"])
-    weights = TensorReader(path, "model", files)
-    moments = TensorReader(path, "optimizer", files)
-    adam_step = int(moments.metadata.get("adam_step", 0))
-    load_training_state(rt, model, optimizer, weights, moments, adam_step, path)
-    rng_file = path / f"rng-rank{rt.rank:05d}.json"
-    if rng_file.is_file() and manifest.get("world_size") == rt.world_size:
-        set_rng_state(json.loads(rng_file.read_text()))
+    reader = TensorReader(path, manifest)
+    params = _named_params(rt, model)
+    check_names(path, {n for n, _ in params}, reader.keys())
+    for name, p in params:
+        check_shape(path, name, reader.shape(name), deepspeed_fence.full_shape(p))  # ZeRO-3: the real shape
+    reads, finish = restore_plan(rt, model, optimizer, params, reader)
+    rng_name = f"rng-rank{rt.rank:05d}.json"
+    own_rng = rng_name in manifest["files"] and manifest.get("world_size") == rt.world_size
+    needed = {"state.json", *([rng_name] if own_rng else [])}
+    for name, kind, start, stop, _ in reads:
+        needed |= reader.files(name, kind, start, stop)
+    check_files(path, manifest, verify=verify, names=needed)
+    with torch.no_grad():
+        for name, kind, start, stop, sink in reads:
+            sink(reader.read(name, kind, start, stop))
+        finish()
+    if own_rng:
+        set_rng_state(json.loads((path / rng_name).read_text()))
     return read_state(path)
 
 
-def check_files(path: Path, manifest: dict, verify: bool = True) -> None:
-    """Every file of the manifest is there with its size (and, with ``verify``, its sha256)."""
+Read = tuple[str, str, int, int, Callable[[torch.Tensor], None]]
+
+
+def restore_plan(rt: "Runtime", model, optimizer, params, reader: TensorReader) -> tuple[list[Read], Callable]:
+    """What this rank reads -- (parameter, kind, start, stop, where the elements go) -- and what to run
+    after (the optimizer's step count). DDP / one process: whole tensors; ZeRO-1/2: whole weights (the
+    module holds them whole) and this rank's partition of the fp32 master and the moments; ZeRO-3: this
+    rank's partition only (a small persistent parameter, held whole, whole)."""
+    adam_step = reader.adam_step
+    reads: list[Read] = []
+    if not rt.deepspeed:
+        moments: dict[tuple[str, str], torch.Tensor] = {}
+        for name, p in params:
+            reads.append((name, "weight", 0, p.numel(), lambda t, p=p: p.copy_(t.view(p.shape))))
+            for kind in KINDS[1:] if adam_step else ():
+                reads.append((name, kind, 0, p.numel(),
+                              lambda t, key=(name, kind), p=p: moments.__setitem__(key, t.view(p.shape).to(p.device))))
+
+        def finish() -> None:
+            if not adam_step:
+                return
+            sd = optimizer.state_dict()
+            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+            sd["state"] = {index[id(p)]: {"step": torch.tensor(float(adam_step)),
+                                          "exp_avg": moments[(n, "exp_avg")],
+                                          "exp_avg_sq": moments[(n, "exp_avg_sq")]} for n, p in params}
+            optimizer.load_state_dict(sd)
+
+        return reads, finish
+
+    flats = deepspeed_fence.flat_partitions(model)
+    local = deepspeed_fence.local_pieces(model, [p for _, p in params])
+    for (name, p), pieces in zip(params, local):
+        zero3 = hasattr(p, "ds_tensor")
+        if zero3:
+            working, whole = deepspeed_fence.working_partition(p)
+        if not zero3 or whole:  # the module's copy of this parameter is whole on this rank
+            reads.append((name, "weight", 0, reader.numel(name), lambda t, p=p: p.data.copy_(t.view(p.data.shape))))
+        for g, off, start, n in pieces:
+            def put(t, dst=flats[g].narrow(0, off, n)):
+                dst.copy_(t)
+
+            reads.append((name, "weight", start, start + n, put))
+            if zero3:  # the working partition (the same memory as the fp32 one under fp32)
+                reads.append((name, "weight", start, start + n,
+                              lambda t, dst=working.narrow(0, 0, n): dst.copy_(t)))
+            for kind, state in zip(KINDS[1:], deepspeed_fence.partition_moments(model, g)) if adam_step else ():
+                reads.append((name, kind, start, start + n, lambda t, dst=state.narrow(0, off, n): dst.copy_(t)))
+
+    def finish() -> None:
+        if adam_step:
+            deepspeed_fence.set_adam_step(model, adam_step)
+
+    return reads, finish
+
+
+def check_files(path: Path, manifest: dict, verify: bool = True, names: set[str] | None = None) -> None:
+    """Every file of the manifest is there with its size; with ``verify``, the sha256 of each file of
+    ``names`` (default: all) matches, checked in parallel threads."""
     for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         if f.stat().st_size != meta["size"]:
             raise CheckpointError(f"checkpoint file {f} has {f.stat().st_size} bytes, {MARKER} says {meta['size']}")
-        if verify and sha256_file(f) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} does not match its sha256 in {MARKER} (corrupt or changed)")
+    if not verify:
+        return
+    todo = sorted(set(manifest["files"]) if names is None else names & set(manifest["files"]))
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo)))) as pool:
+        for name, digest in zip(todo, pool.map(lambda n: sha256_file(path / n), todo)):
+            if digest != manifest["files"][name]["sha256"]:
+                raise CheckpointError(
+                    f"checkpoint file {path / name} does not match its sha256 in {MARKER} (corrupt or changed)")
 
 
 # ---------------------------------------------------------------------------- RNG, files
@@ -548,32 +768,82 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- the training loop's checkpointer
 
 
+def async_default(setting, device_type: str) -> bool:
+    """``checkpoint.async_save``: true / false, or ``auto`` = on for CUDA (the copy to pinned host memory is
+    fast and the GPU keeps training), off on the CPU (the snapshot would compete with training for memory
+    bandwidth and the same cores)."""
+    return device_type == "cuda" if setting == "auto" else bool(setting)
+
+
 class Checkpointer:
-    """What the training loop saves through: ``save`` at a step boundary (every rank), ``seconds`` (how
-    long the last save blocked the loop: the time-limit margin), ``poll`` at each step boundary and
-    ``wait`` before exiting (a pending save's outcome; saves are synchronous here, so both are no-ops)."""
+    """What the training loop saves through, every rank alike: ``save`` at a step boundary, ``poll`` at each
+    step boundary (commits an asynchronous save once every rank's writes are durable, or raises its
+    error), ``wait`` before exiting (finishes the pending save). ``seconds``: how long the last save
+    blocked the loop (the time-limit margin)."""
 
-    def __init__(self, rt: "Runtime", run_dir: str | os.PathLike, keep_last: int, tokenizer_file: Path | None):
-        import time
-
+    def __init__(self, rt: "Runtime", run_dir: str | os.PathLike, keep_last: int, tokenizer_file: Path | None,
+                 async_save: bool = False, report: Callable[[str], None] | None = None,
+                 on_commit: Callable[[Path], None] | None = None):
         self.rt, self.run_dir, self.keep_last, self.tokenizer_file = rt, Path(run_dir), keep_last, tokenizer_file
-        self.seconds = 0.0
+        self.async_save, self.report = async_save, report or (lambda text: None)
+        self.on_commit = on_commit or (lambda path: None)  # e.g. the upload to object storage
+        self.seconds = 0.0  # how long the last save blocked the loop
+        self.exit_seconds = 0.0  # how long the last save took from its start to its commit: a save before exiting
         self.last_time = time.monotonic()
         self.last_path: Path | None = None
+        self._pending: PendingSave | None = None
+        self._thread: threading.Thread | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # the host snapshot, reused by every asynchronous save
 
     def save(self, step: int, model, optimizer, state: dict) -> Path:
-        import time
-
+        """Start checkpoint ``step`` (after the previous one is committed: at most one in flight); synchronous
+        unless ``async_save``. Returns the checkpoint's path (committed by ``poll`` / ``wait`` when async)."""
         t0 = time.monotonic()
-        self.last_path = save(self.rt, self.run_dir, step, model, optimizer, state, self.keep_last,
-                              tokenizer_file=self.tokenizer_file)
+        self.wait()
+        pending = begin(self.rt, self.run_dir, step, model, optimizer, state, self.tokenizer_file,
+                        buffers=self._buffers if self.async_save else None)
+        if pending is None:  # already committed: nothing was saved
+            self.last_path = step_path(self.run_dir, step)
+            self.report(f"checkpoint {self.last_path} is already committed; not saved again")
+            self.on_commit(self.last_path)
+        elif self.async_save:
+            self._pending = pending
+            self._thread = threading.Thread(target=pending.write, name=f"checkpoint-{step}", daemon=True)
+            self._thread.start()
+        else:
+            pending.write()
+            self._commit(pending, t0)
         self.last_time = time.monotonic()
         self.seconds = self.last_time - t0
-        return self.last_path
+        if pending is not None and self.async_save:
+            self.report(f"saving checkpoint {pending.final} in the background (blocked {self.seconds:.1f} s)")
+        return step_path(self.run_dir, step)
 
     def poll(self) -> None:
-        """Raise the error of a save that failed in the background (none here)."""
+        """At a step boundary (every rank): commit the save in flight if every rank's writes are done; raise
+        its CheckpointError if one failed. One small all-reduce while a save is in flight."""
+        if self._pending is None:
+            return
+        (busy,) = self.rt.any(self._thread.is_alive())
+        if not busy:
+            self.wait()
 
     def wait(self) -> Path | None:
-        """Finish the pending save, if any; the newest checkpoint this run saved."""
+        """Finish the pending save, if any (every rank); the newest checkpoint this run saved."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            t0 = time.monotonic()
+            self._thread.join()
+            self._commit(pending, t0)
         return self.last_path
+
+    def _commit(self, pending: PendingSave, t0: float) -> None:
+        self.last_path = pending.commit(self.keep_last)
+        waited = time.monotonic() - t0
+        self.exit_seconds = max(self.seconds, pending.write_seconds + waited)
+        self.on_commit(self.last_path)
+        if self.async_save:
+            self.report(f"saved checkpoint {self.last_path} (written in {pending.write_seconds:.1f} s in the "
+                        f"background; committing blocked {waited:.1f} s)")
+        else:
+            self.report(f"saved checkpoint {self.last_path} ({waited:.1f} s)")

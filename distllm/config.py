@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -211,7 +211,10 @@ class DistributedConfig:
     bucket_elements: Optional[int] = None
     """ZeRO communication bucket size in elements (None = sized from the model, at most DeepSpeed's 5e8)."""
     timeout_s: float = 600.0
-    """Process-group timeout: a collective that waits longer (a dead or hung peer) fails the run."""
+    """Process-group timeout: a collective that waits longer (a dead or hung peer) fails the run. It must exceed
+    the longest time one process can spend between two collectives: a synchronous checkpoint save (each process
+    writes its share, bytes / disk bandwidth) and, on resume, hashing the files a process reads (its share of the
+    checkpoint; 1-2 GB/s per core). An asynchronous save writes between steps and is not bounded by it."""
 
 
 @dataclass
@@ -229,7 +232,13 @@ class CheckpointConfig:
     ``.../step_N``): download its newest checkpoint into run.dir and continue, unless run.dir has checkpoints of its
     own (then the newest of those); null: always start fresh (refused if run.dir has checkpoints)."""
     verify: bool = True
-    """Check the sha256 of every checkpoint file this process reads against the commit manifest."""
+    """Check the sha256 of every checkpoint file this process reads against the commit manifest (each process
+    checks only the files it reads, in parallel threads, before the first collective of the load)."""
+    async_save: Union[bool, Literal["auto"]] = "auto"
+    """Save in the background: at the step boundary the state is copied to host memory (pinned on CUDA), training
+    goes on while a thread writes, hashes and fsyncs it, and the checkpoint is committed at a later step boundary
+    once every process's writes are durable (at most one save in flight; stop signals and the end of the run wait
+    for it). The price is a host copy of each process's share of the state. ``auto``: on with CUDA, off on the CPU."""
     upload_to: Optional[str] = None
     """Object storage URL (``s3://bucket/prefix``, any fsspec URL): each committed checkpoint is copied to
     ``URL/step_N`` in the background (marker last; failures logged, training goes on; remote copies are not

@@ -127,3 +127,52 @@ def grad_accum_dtype(engine) -> torch.dtype:
 def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
     """A parameter's real shape (ZeRO-3 replaces ``p`` by an empty placeholder and keeps it in ``ds_shape``)."""
     return tuple(getattr(p, "ds_shape", p.shape))
+
+
+# ---------------------------------------------------------------------------- this rank's partition (checkpoints)
+
+
+def local_pieces(engine, params: list[torch.nn.Parameter]) -> list[list[tuple[int, int, int, int]]]:
+    """For each parameter, the pieces of it that this rank's flat fp32 partitions hold, as
+    ``(group, offset in flat_partitions(engine)[group], offset in the flattened parameter, numel)``.
+
+    Local bookkeeping only (no collective, nothing gathered). ZeRO-3: rank r holds elements
+    [r * n, (r + 1) * n) of each parameter padded to a multiple of the world size, at the offset the
+    optimizer keeps in ``grad_position``; the padding is left out. ZeRO-1/2: the fragment DeepSpeed
+    linked to the parameter (``_hp_mapping``; None when the parameter lies in other ranks' partitions).
+    """
+    zero = engine.optimizer
+    flats = flat_partitions(engine)
+    out = []
+    for p in params:
+        if hasattr(p, "ds_tensor"):
+            group, offset, n = zero.grad_position[zero.get_param_id(p)]
+            start = torch.distributed.get_rank(group=p.ds_process_group) * n
+            numel = max(0, min(n, p.ds_numel - start))
+            out.append([(int(group), int(offset), start, numel)] if numel else [])
+            continue
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:
+            out.append([])
+            continue
+        group, offset = mapping.param_group_index, mapping.hp_fragment_address.start
+        flat = flats[group]
+        if mapping.hp_fragment.data_ptr() != flat.data_ptr() + offset * flat.element_size():
+            raise RuntimeError(f"ZeRO fragment of a parameter is not a view of flat partition {group}")
+        out.append([(group, offset, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)])
+    return out
+
+
+def partition_moments(engine, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamW's (exp_avg, exp_avg_sq) of flat partition ``group`` (created by ``init_optimizer_state``)."""
+    state = base_optimizer(engine).state[flat_partitions(engine)[group]]
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def working_partition(p: torch.nn.Parameter) -> tuple[torch.Tensor, bool]:
+    """ZeRO-3: this rank's partition of the module's working copy of ``p`` (flat, padding included; fp32
+    or bf16) and whether ``p`` is gathered whole right now (persistent small parameters are, after
+    the engine starts), in which case ``p.data`` must be set too."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_tensor, p.ds_status == ZeroParamStatus.AVAILABLE

@@ -41,9 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from distllm import checkpoint
+from distllm import checkpoint, tensorfile
 from distllm.chat import ChatTemplate, checkpoint_chat_template, load_chat_template
 from distllm.config import ModelConfig, from_dict
 from distllm.errors import CheckpointError, ConfigError, DataError
@@ -212,7 +211,7 @@ class _Sources:
 
     def __init__(self, ckpt: Path, cfg: ModelConfig, pieces: list[Piece]):
         self.ckpt = ckpt
-        self.reader = checkpoint.TensorReader(ckpt, "model", list(checkpoint.read_marker(ckpt)["files"]))
+        self.reader = checkpoint.TensorReader(ckpt)  # whole tensors, from the pieces the manifest indexes
         self.shapes: dict[str, tuple[int, ...]] = {}  # source -> shape the config implies
         for p in pieces:
             rows = max(self.shapes.get(p.source, (0,))[0], p.stop)
@@ -242,7 +241,7 @@ def _write_weights(out: Path, pieces: list[Piece], weights: _Sources, dtype: tor
     index = {}
     for name, shard in zip(names, shards):
         tensors = {p.name: weights.rows(p).to(dtype).contiguous() for p in shard}
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        tensorfile.write(out / name, tensors, metadata={"format": "pt"})  # mode 0644 under umask 022, not 0600
         index.update({p.name: name for p in shard})
         del tensors
     if n > 1:

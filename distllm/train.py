@@ -110,11 +110,14 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     trace = SampleTrace(run_dir, rt.rank, resume_step) if cfg.logging.trace_samples else None
     if trace is not None:
         cleanup.callback(trace.close)
-    saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file)
     uploader = None  # checkpoint.upload_to: rank 0 copies each committed checkpoint in the background
     if rt.is_main and cfg.checkpoint.upload_to:
         uploader = upload.Uploader(cfg.checkpoint.upload_to, cfg.checkpoint.storage_options)
         cleanup.callback(uploader.close)  # the last checkpoint is uploaded before train returns
+    saver = checkpoint.Checkpointer(rt, run_dir, cfg.checkpoint.keep_last, tokenizer_file=tokenizer_file,
+                                    async_save=checkpoint.async_default(cfg.checkpoint.async_save, rt.device.type),
+                                    report=log.print,  # "saved checkpoint ..." once committed
+                                    on_commit=uploader.submit if uploader is not None else None)
     tokens_per_step = cfg.train.global_batch_size * T
     peak = cfg.logging.peak_flops or peak_flops(rt.device, rt.compute_dtype)  # None: an unknown GPU
     speed = Throughput(tokens_per_step, flops_per_token(cfg.model, T), peak and peak * rt.world_size)
@@ -131,11 +134,7 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
                  "config": redacted_dict(cfg), "trackers": log.tracker_state(),  # tracker run ids, for resuming
                  "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
-        path = saver.save(at_step, model, optimizer, state)
-        log.print(f"saved checkpoint {path} ({saver.seconds:.1f} s)")
-        if uploader is not None:
-            uploader.submit(path)
-        return path
+        return saver.save(at_step, model, optimizer, state)  # committed now, or at a later boundary if async
 
     tasks = load_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []  # a bad line is an error now
     tokenizer = load_tokenizer(tokenizer_file) if tasks else None
@@ -264,7 +263,7 @@ def decide(rt, cfg: Config, step: int, stop: StopRequest, speed: "Throughput", s
     """Evaluate? save? stop (a signal, the time limit, ``exit_at_step``, the last step)? One small
     all-reduce makes every rank take the same decision, whatever it alone saw."""
     now = time.monotonic()
-    time_up = deadline is not None and now + 2 * speed.slowest + saver.seconds + 5 >= deadline
+    time_up = deadline is not None and now + 2 * speed.slowest + saver.exit_seconds + 5 >= deadline
     periodic = cfg.checkpoint.every_minutes > 0 and now - saver.last_time >= 60 * cfg.checkpoint.every_minutes
     sigint, signalled, time_up, periodic = rt.any(stop.signum == signal.SIGINT, stop.requested, time_up and rt.is_main,
                                                   periodic and rt.is_main)

@@ -33,6 +33,9 @@ ENGINES = {
     "zero2x1": (1, ["--distributed.zero_stage=2"]),  # one process, still DeepSpeed
     "zero3x1": (1, ["--distributed.zero_stage=3"]),
 }
+ENGINES.update({f"{name}-async": (n, [*o, "--checkpoint.async_save=true"])  # saves written in the background
+                for name, (n, o) in list(ENGINES.items()) if name in ("one", "ddp", "zero2", "zero3")})
+PROBE = Path(__file__).with_name("save_probe.py")  # `distllm train` counting the collectives of its saves
 
 
 def base_config(run_root: Path, data_dir: Path) -> Path:
@@ -68,19 +71,21 @@ def env(**extra) -> dict:
     return e
 
 
-def command(config: Path, nproc: int, overrides: list[str], torchrun: bool | None = None) -> list[str]:
+def command(config: Path, nproc: int, overrides: list[str], torchrun: bool | None = None,
+            probe: bool = False) -> list[str]:
     torchrun = nproc > 1 if torchrun is None else torchrun
+    program = [str(PROBE)] if probe else ["-m", "distllm"]
     if not torchrun:
-        return [sys.executable, "-m", "distllm", "train", str(config), *overrides]
+        return [sys.executable, *program, "train", str(config), *overrides]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "distllm", "train", str(config), *overrides]
+            *program, "train", str(config), *overrides]
 
 
-def launch(config: Path, nproc: int, overrides: list[str], timeout: float = 300, torchrun=None,
+def launch(config: Path, nproc: int, overrides: list[str], timeout: float = 300, torchrun=None, probe: bool = False,
            **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run(command(config, nproc, overrides, torchrun), env=env(**env_extra), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(command(config, nproc, overrides, torchrun, probe), env=env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def launch_two_nodes(config: Path, overrides: list[str], timeout: float = 300,
@@ -127,19 +132,18 @@ class Run:
     def moments(self, step: int | None = None) -> dict:
         return tensors(self.checkpoint(step), "optimizer")
 
+    def probes(self) -> list[dict]:
+        """What tests/save_probe.py saw on each rank: saves, their collectives, float tensors they moved."""
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("probe-rank*.json"))]
+
 
 def tensors(path: Path, prefix: str) -> dict:
-    """Every tensor of a checkpoint's ``<prefix>*.safetensors`` files by name (ZeRO's per-rank files merged)."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob(f"{prefix}*.safetensors"))
-    assert files, f"no {prefix}*.safetensors in {path}"
-    out = {}
-    for f in files:
-        part = load_file(f)
-        assert not out.keys() & part.keys(), f"{f} repeats tensors of another rank's file"
-        out.update(part)
-    return out
+    """Every whole tensor of a checkpoint by name, assembled from the pieces its index lists (ZeRO's per-rank
+    partitions merged): ``model`` -> the weights, ``optimizer`` -> "<name>.exp_avg" / "<name>.exp_avg_sq"."""
+    reader = checkpoint.TensorReader(path)
+    if prefix == "model":
+        return {name: reader.get(name) for name in reader.keys()}
+    return {f"{name}.{kind}": reader.get(name, kind) for name in reader.keys() for kind in ("exp_avg", "exp_avg_sq")}
 
 
 def check(proc) -> None:
@@ -182,6 +186,6 @@ class Runs:
         if engine == "ddp" and not extra and ">" not in name:
             proc = launch_two_nodes(self.config, overrides)  # DDP over two "nodes" on loopback
         else:
-            proc = launch(self.config, nproc, overrides, torchrun=nproc > 1 or engine != "one")
+            proc = launch(self.config, nproc, overrides, torchrun=nproc > 1 or not engine.startswith("one"), probe=True)
         check(proc)
         return Run(run_dir, proc, time.monotonic() - t0)

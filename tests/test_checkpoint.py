@@ -228,3 +228,98 @@ def test_full_disk_keeps_previous_checkpoint(small_disk):
     assert checkpoint.latest(small_disk) == first
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert [p.name for p in checkpoint.checkpoint_dir(small_disk).iterdir()] == ["step_000001"]  # no temp left
+
+
+def test_files_are_readable_by_the_team(tmp_path):
+    """Every checkpoint file gets 0666 minus the umask (0644 under 022); safetensors' writer left 0600."""
+    old = os.umask(0o022)
+    try:
+        path = _save(tmp_path, 1)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()}
+    assert modes == dict.fromkeys(modes, "0o644"), modes
+
+
+def test_files_are_hashed_in_the_pass_that_writes_them(tmp_path, monkeypatch):
+    """No file is read back to hash it while saving; the manifest's sha256 are those of the files on disk."""
+    def no_reading(path, *a, **k):
+        raise AssertionError(f"{path} read back to hash it")
+
+    monkeypatch.setattr(checkpoint, "sha256_file", no_reading)
+    path = _save(tmp_path, 1)
+    monkeypatch.undo()
+    files = checkpoint.read_marker(path)["files"]
+    assert {n: m["sha256"] for n, m in files.items()} == {n: checkpoint.sha256_file(path / n) for n in files}
+
+
+def test_the_index_maps_every_parameter_to_its_pieces(tmp_path):
+    model, _ = _trained()
+    path = _save(tmp_path, 1, model)
+    manifest = checkpoint.read_marker(path)
+    assert manifest["format_version"] == 3 and manifest["adam_step"] == 2
+    assert set(manifest["params"]) == {n for n, _ in model.named_parameters()}  # tied: once
+    emb = manifest["params"]["emb.weight"]
+    assert emb == {"shape": [16, 8], "pieces": [{"file": "model.safetensors", "tensor": "emb.weight", "offset": 0,
+                                                "start": 0, "numel": 128}]}
+    reader = checkpoint.TensorReader(path)
+    assert torch.equal(reader.read("emb.weight", "weight", 50, 90), model.emb.weight.detach().flatten()[50:90])
+
+
+def test_ddp_ranks_share_the_writing():
+    owners = checkpoint.ddp_writers([100, 10, 60, 50, 1], 2)
+    assert owners == [0, 0, 1, 1, 0]  # 111 / 110 elements
+    assert checkpoint.ddp_writers([5, 5], 3) == [0, 1]  # a rank may have nothing to write
+
+
+def _checkpointer(run_dir, keep_last=3):
+    return checkpoint.Checkpointer(local_runtime(), run_dir, keep_last, None, async_save=True)
+
+
+def test_async_save_commits_at_a_later_boundary_once_written(tmp_path, monkeypatch):
+    """The loop goes on while the files are written; poll commits only once they are durable; the next save
+    waits for the one in flight; the checkpoint loads back exactly."""
+    import threading
+
+    release, real_write = threading.Event(), checkpoint.tensorfile.write
+
+    def slow_write(*args, **kwargs):
+        assert release.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.tensorfile, "write", slow_write)
+    model, opt = _trained()
+    saver = _checkpointer(tmp_path)
+    path = saver.save(1, model, opt, {"data": {}})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _trained(model, 1, opt)  # training goes on: the snapshot was taken at the boundary
+    saver.poll()
+    assert not checkpoint.is_committed(path) and checkpoint.latest(tmp_path) is None
+    release.set()
+    assert saver.wait() == path and checkpoint.latest(tmp_path) == path
+    fresh = Tiny()
+    checkpoint.load(local_runtime(), path, fresh, torch.optim.AdamW(fresh.parameters(), fused=True))
+    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+    assert saver.seconds < 5 and saver.exit_seconds >= saver.seconds
+
+    release.clear()
+    saver.save(2, model, opt, {"data": {}})
+    threading.Timer(0.5, release.set).start()
+    saver.save(3, model, opt, {"data": {}})  # waits for step 2's commit first: at most one in flight
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_000001", "step_000002"]
+    saver.wait()
+    assert checkpoint.latest(tmp_path).name == "step_000003"
+
+
+def test_async_save_on_a_full_disk_stops_at_the_next_boundary(small_disk):
+    first = _save(small_disk, 1, Tiny(width=8))
+    model, opt = _trained(Tiny(width=256))
+    saver = _checkpointer(small_disk)
+    saver.save(2, model, opt, {"data": {}})  # returns: the write fails in the background
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*step_000002: no space left on device; "
+                                              "the previous checkpoint .*step_000001 is intact") as e:
+        saver._thread.join()
+        saver.poll()
+    assert "\n" not in str(e.value)
+    assert checkpoint.latest(small_disk) == first
+    assert [p.name for p in checkpoint.checkpoint_dir(small_disk).iterdir()] == ["step_000001"]

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from distllm import checkpoint
 from distributed_runs import GRAD_CLIP, HALF, STEPS
 
 # Relative, per step, for losses and validation losses of another engine or number of processes. Measured
@@ -61,12 +62,19 @@ def test_two_node_launch_logged_one_header(dist_runs):
     assert "process(es)" not in node1.stdout  # only the global rank 0 prints and writes metrics
 
 
-@pytest.mark.parametrize("engine", ["one", "ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["one", "ddp", "zero2", "zero3", "one-async", "ddp-async", "zero2-async",
+                                    "zero3-async"])
 def test_resume_is_bit_exact(dist_runs, engine):
     """20 steps straight == exit_at_step=10 then the same command again: every loss with ==, and the
-    final weights and AdamW moments bit for bit."""
-    straight, resumed = dist_runs[engine], dist_runs[f"{engine}@{HALF}>{engine}"]
-    assert "stopping at step 10 for train.exit_at_step" in dist_runs[f"{engine}@{HALF}"].proc.stdout
+    final weights and AdamW moments bit for bit; with saves written synchronously or in the background
+    (compared with the same straight run)."""
+    straight, resumed = dist_runs[engine.removesuffix("-async")], dist_runs[f"{engine}@{HALF}>{engine}"]
+    stopped = dist_runs[f"{engine}@{HALF}"].proc.stdout
+    assert "stopping at step 10 for train.exit_at_step" in stopped
+    if engine.endswith("-async"):  # the stop waited for the background write and committed it
+        assert re.search(r"saving checkpoint \S+step_000010 in the background \(blocked [\d.]+ s\)\n"
+                         r"saved checkpoint \S+step_000010 \(written in", stopped), stopped
+        assert re.search(r"saved checkpoint \S+step_000020 \(written in", resumed.proc.stdout)  # the final save
     assert resumed.losses() == straight.losses()  # metrics.jsonl continues without repeated steps
     assert [r["step"] for r in resumed.records() if "lr" in r] == list(range(1, STEPS + 1))
     a, b = straight.weights(), resumed.weights()
@@ -75,7 +83,7 @@ def test_resume_is_bit_exact(dist_runs, engine):
     a, b = straight.moments(), resumed.moments()
     assert a.keys() == b.keys() and len(a) == 2 * len(straight.weights())
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for rank in range(2 if engine != "one" else 1):
+    for rank in range(1 if engine.startswith("one") else 2):
         assert resumed.samples(rank) == straight.samples(rank)
 
 
@@ -83,6 +91,7 @@ def test_resume_is_bit_exact(dist_runs, engine):
     ("ddp", "one"), ("one", "ddp"),
     ("zero2", "zero2x1"), ("one", "zero2"),
     ("zero3", "zero3x1"), ("one", "zero3"),
+    ("ddp", "zero3"), ("zero3", "ddp"), ("zero2", "zero3"), ("zero3-async", "zero2"),
 ])
 def test_resume_on_another_number_of_processes(dist_runs, first, then):
     """2 -> 1 and 1 -> 2 processes, also under ZeRO-2 and ZeRO-3, with no conversion step: the next
@@ -103,3 +112,19 @@ def test_resume_on_another_number_of_processes(dist_runs, first, then):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(b[k], a[k], rtol=1e-3, atol=1e-3 * float(a[k].abs().max())), k
+
+
+@pytest.mark.parametrize("engine", ["ddp-async", "zero2", "zero3", "zero2-async", "zero3-async"])
+def test_a_save_moves_no_tensor_between_ranks(dist_runs, engine):
+    """Each rank writes its own share: while saving (sync or in the background), no collective moves a
+    floating-point tensor (a gathered parameter or moment would be one); only the small reports travel.
+    Counted by tests/save_probe.py around every collective of torch.distributed."""
+    run = dist_runs[f"{engine}@{HALF}"]
+    probes = run.probes()
+    assert len(probes) == 2, run.dir
+    for probe in probes:
+        assert probe["saves"] >= 1 and probe["collectives"] >= 1  # the probe did watch the saves
+        assert probe["float_tensors"] == []
+    ckpt = run.checkpoint(HALF)
+    files = checkpoint.read_marker(ckpt)["files"]
+    assert {"model-rank00000.safetensors", "model-rank00001.safetensors"} <= files.keys()  # both ranks wrote

@@ -2,6 +2,7 @@
 loads with no custom code, with the same logits (1e-4) and the same greedy text as distllm."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,10 @@ def test_export_round_trip_through_transformers(tiny_config, tmp_path, tie, n_kv
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= files
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tie
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in [*out.iterdir(), *result.checkpoint.iterdir()]:  # a teammate can read the export and the checkpoint
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))
     assert_parity(result.checkpoint, out, Path(tiny_config.data.dir) / "tokenizer.json")
     assert_chat_template(out, DEFAULT_CHAT_TEMPLATE)
 
