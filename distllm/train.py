@@ -122,6 +122,8 @@ def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
     # ---- data, model and optimizer
     T = cfg.data.seq_len
     loader, val, tokenizer_file = task.build_data(cfg, rt, cleanup)
+    if cfg.train.debug:
+        loader = FirstBatchOnly(loader)  # one batch, over and over: the overfit check
     model, optimizer = build_model(cfg, rt)
     step, skipped_total, start = 0, 0, "from scratch"
     if resume_path is not None:
@@ -259,8 +261,6 @@ def build_data(cfg: Config, rt, cleanup: contextlib.ExitStack):
                                 vocab_limit=cfg.model.vocab_size,  # data of a larger vocabulary is refused
                                 pin_memory=rt.device.type == "cuda")
     cleanup.callback(loader.close)
-    if cfg.train.debug:
-        loader = FirstBatchOnly(loader)
     val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
     cleanup.callback(val_split.close)
     val = ValidationSet(val_split, cfg.data.seq_len,
@@ -496,7 +496,7 @@ class FirstBatchOnly:
 
     def __init__(self, loader):
         self.loader, self.batch = loader, None
-        self.fingerprint, self.vocab_size = loader.fingerprint, loader.vocab_size
+        self.fingerprint = loader.fingerprint
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.batch is None:
