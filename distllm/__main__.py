@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "and checkpoints go to run.dir. Running the same command again continues the run from its "
                    "newest committed checkpoint (--checkpoint.resume_from=null insists on a fresh run). Works "
                    "the same under torchrun, accelerate launch and Slurm (see launch/README.md).")
+    _config_parser("sft", sub, "fine-tune a pretrained model on instructions",
+                   "Instruction fine-tuning with the training loop of `train` (same checkpoints, auto-resume, signals, "
+                   "launchers, ZeRO): start from the weights of sft.init_from (a checkpoint or run directory; its "
+                   "tokenizer and model shape must match the config), render the conversations of sft.data (chat "
+                   "'messages' or Alpaca records in JSONL / JSON / Parquet; default: python-stdlib-docstrings, built "
+                   "from this Python's standard library) with sft.chat_template, and learn the responses only, "
+                   "normalised over each optimizer step's response tokens. Each evaluation logs the response-only "
+                   "val_loss on held-out examples and writes greedy answers to held-out prompts to "
+                   "run.dir/answers/step_NNNNNN.jsonl. Running the same command again resumes the SFT run. See the "
+                   "sft section of the config (configs/sft-debug.yaml).")
 
     p = _config_parser("eval", sub, "validation loss / bits per byte, or multiple-choice accuracy, of a checkpoint",
                        "Compute the validation loss, perplexity and bits per byte of a checkpoint on the val split of "
@@ -266,16 +276,21 @@ def _run(args, extra: list[str], parser) -> int:
     else:
         cfg = load_config(args.config, extra)
     # checked now, before anything starts; train uses the launcher's number of processes (torchrun, accelerate)
-    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")) if args.command == "train" else 1)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")) if args.command in ("train", "sft") else 1)
 
     if args.command == "prepare":
         from distllm.data.prepare import prepare
 
         prepare(cfg)
-    elif args.command == "train":
+    elif args.command in ("train", "sft"):
         from distllm.train import train
 
-        result = train(cfg)
+        if args.command == "sft":
+            from distllm.sft import run_sft
+
+            result = run_sft(cfg)
+        else:
+            result = train(cfg)
         if result.is_main:
             def fmt(x: float) -> str:  # nan when no step ran in this process (resumed a finished run)
                 return f"{x:.4f}" if math.isfinite(x) else "n/a"

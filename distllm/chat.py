@@ -308,10 +308,13 @@ CHECKPOINT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def checkpoint_chat_template(ckpt: str | os.PathLike, state: dict) -> ChatTemplate:
-    """The chat template a checkpoint was trained with: its ``chat_template.jinja``, else the
-    ``sft.chat_template`` of its saved config, else the default."""
+    """The chat template a checkpoint was trained with: its ``chat_template.jinja``, else the template text
+    an SFT run saved in its state.json (``chat_template``), else the ``sft.chat_template`` of its saved
+    config, else the default."""
     path = Path(ckpt) / CHECKPOINT_TEMPLATE_FILE
     if path.is_file():
         return ChatTemplate(path.read_text(encoding="utf-8"), str(path))
+    if isinstance(state.get("chat_template"), str):
+        return ChatTemplate(state["chat_template"], f"{Path(ckpt) / 'state.json'} (chat_template)")
     value = ((state.get("config") or {}).get("sft") or {}).get("chat_template")
     return load_chat_template(value)

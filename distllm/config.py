@@ -249,6 +249,43 @@ class CheckpointConfig:
     written. Unset: the environment's credentials."""
 
 
+@dataclass
+class SFTConfig:
+    """``distllm sft``: instruction fine-tuning with the same loop, checkpoints and launchers as ``train``."""
+
+    init_from: Optional[str] = None
+    """The pretrained model: a checkpoint directory, or a run directory (its newest committed checkpoint).
+    Weights only: the optimizer, the schedule and the step start afresh. Its tokenizer (tokenizer.json in the
+    checkpoint, or ``tokenizer.path`` if set, which must match) tokenizes the instructions, and the model section
+    must describe its shape. A resumed SFT run continues from its own checkpoints, not from here. null: random
+    initialisation, tokenizer from ``tokenizer.path`` or ``data.dir``."""
+    data: str = "python-stdlib-docstrings"
+    """Instructions: a ``.jsonl`` / ``.json`` / ``.parquet`` file or a directory of them, with chat ``messages``
+    (role, content; multi-turn) or Alpaca ``instruction`` / ``input`` / ``output`` records; or
+    ``python-stdlib-docstrings``: built from this Python's standard library (signature -> first paragraph of
+    its docstring), on every machine."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (the text, or a file holding it) that renders the conversations; null: the Alpaca
+    format (``distllm.chat``). Each assistant turn must end with ``{{ eos_token }}``. Saved in every
+    checkpoint; ``generate --chat`` and ``export`` use it."""
+    packing: bool = True
+    """Pack several examples into each sequence of ``data.seq_len`` (attention stays inside each example);
+    false: one example per sequence, padded."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """An example longer than ``data.seq_len + 1`` tokens is cut (``truncate``) or left out (``drop``);
+    both are counted in the log."""
+    val_fraction: float = 0.05
+    """About this fraction of the examples is held out (by a hash of each conversation) for validation:
+    the response-only ``val_loss`` and the greedy answers."""
+    max_examples: Optional[int] = None
+    """Use at most this many examples of ``sft.data`` (null = all)."""
+    eval_prompts: int = 8
+    """Held-out prompts answered greedily at each evaluation, written with their reference answers to
+    ``run.dir/answers/step_NNNNNN.jsonl`` (0 = none)."""
+    max_new_tokens: int = 128
+    """Longest greedy answer in tokens (generation stops earlier at the end-of-sequence token)."""
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -307,6 +344,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -611,12 +649,38 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
     if cfg.logging.run_name is not None and not cfg.logging.run_name.strip():
         problems.append("logging.run_name must not be empty (null = the name of run.dir)")
 
+    problems.extend(sft_problems(cfg.sft))
+
     t = cfg.train
     problems.extend(plan_problems(t.global_batch_size, t.micro_batch_size, world_size))
     if cfg.optim.warmup_steps >= t.max_steps:
         problems.append(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be smaller than train.max_steps ({t.max_steps})"
         )
+    return problems
+
+
+def sft_problems(s: SFTConfig) -> list[str]:
+    """The ``sft`` section's problems (the chat template is compiled and checked here)."""
+    problems = []
+    if not 0.0 < s.val_fraction < 1.0:
+        problems.append(f"sft.val_fraction must be between 0 and 1 (exclusive), got {s.val_fraction}")
+    if s.max_examples is not None and s.max_examples <= 0:
+        problems.append(f"sft.max_examples must be positive (or null), got {s.max_examples}")
+    for name, value in {"sft.eval_prompts": s.eval_prompts, "sft.max_new_tokens": s.max_new_tokens}.items():
+        if value < 0:
+            problems.append(f"{name} must be >= 0, got {value}")
+    if s.init_from is not None and ".." in Path(s.init_from).parts:
+        problems.append(f"sft.init_from {s.init_from!r} contains '..'; give the checkpoint's absolute path instead")
+    if s.data != "python-stdlib-docstrings" and not Path(s.data).expanduser().exists():
+        problems.append(f"sft.data names {s.data!r}, which is neither a file, a directory nor python-stdlib-docstrings")
+    if s.chat_template is not None:
+        from distllm.chat import load_chat_template  # jinja2: only when a template is set
+
+        try:
+            load_chat_template(s.chat_template)
+        except ConfigError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -67,14 +67,55 @@ class TrainResult:
     exit_code: int = 0
 
 
-def train(cfg: Config, objective: Objective = next_token_objective) -> TrainResult:
+class Task:
+    """What one kind of training brings to the one loop; the rest (steps, normalisation, checkpoints,
+    resume, signals, engines) is shared. This class is pretraining; ``distllm.sft.SFTTask`` and the
+    distillation task override what differs:
+
+    * ``build_data(cfg, rt, cleanup)`` -> (loader, val, tokenizer_file). The loader yields this rank's
+      micro-batches of one world-size-independent global order (``next_batch()`` -> dict of tensors,
+      ``last_indices``, ``fingerprint`` of its tokenizer, ``state_dict()`` / ``load_state_dict()`` at a
+      step boundary, ``close()``); ``val`` is what ``validate`` reads; the tokenizer file goes into
+      every checkpoint.
+    * ``objective(model, batch)`` -> (loss_sum, metrics) (``objectives.py``).
+    * ``init_model(cfg, rt, model, optimizer)``: a fresh run's starting point, after the engine's wrap
+      (never called on resume); returns what to say in the first log line ("" = random initialisation).
+    * ``validate(model, val, rt, step)`` -> metrics with ``val_loss`` (every rank calls it).
+    * ``checkpoint_state()``: more JSON for each checkpoint's state.json; ``describe()``: a log line.
+    """
+
+    name = "train"
+
+    def build_data(self, cfg: Config, rt, cleanup: contextlib.ExitStack):
+        return build_data(cfg, rt, cleanup)
+
+    def objective(self, model: torch.nn.Module, batch: dict):
+        return next_token_objective(model, batch)
+
+    def init_model(self, cfg: Config, rt, model, optimizer) -> str:
+        return ""
+
+    def validate(self, model, val, rt, step: int) -> dict:
+        return validation_metrics(model, val, rt.device, rt)  # val_loss, val_ppl, val_bpb
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def describe(self) -> str:
+        return ""
+
+
+def train(cfg: Config, objective: Objective | None = None, task: Task | None = None) -> TrainResult:
+    """Run ``task`` (default: pretraining) with ``objective`` (default: the task's own)."""
+    task = task or Task()
     stop = StopRequest()  # from here on, SIGTERM / SIGUSR1 / SIGINT only set a flag
     with contextlib.ExitStack() as cleanup:  # runs on every exit: return, error, Ctrl-C
         cleanup.callback(stop.restore)
-        return _train(cfg, objective, stop, cleanup)
+        return _train(cfg, task, objective or task.objective, stop, cleanup)
 
 
-def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contextlib.ExitStack) -> TrainResult:
+def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
     if cfg.train.debug:
         cfg = debug_config(cfg)
@@ -86,16 +127,22 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
 
     # ---- data, model and optimizer
     T = cfg.data.seq_len
-    loader, val, tokenizer_file = build_data(cfg, rt, cleanup)
+    loader, val, tokenizer_file = task.build_data(cfg, rt, cleanup)
+    if cfg.train.debug:
+        loader = FirstBatchOnly(loader)  # one batch, over and over: the overfit check
     model, optimizer = build_model(cfg, rt)
-    step, skipped_total = 0, 0
+    step, skipped_total, start = 0, 0, "from scratch"
     if resume_path is not None:
         state = checkpoint.load(rt, resume_path, model, optimizer, verify=cfg.checkpoint.verify)
         apply_config(optimizer, cfg.optim)  # the config's betas / eps / weight decay, not the saved ones
         if state["tokenizer_fingerprint"] != loader.fingerprint:
-            raise UserError(f"checkpoint {resume_path} was trained with a different tokenizer than {cfg.data.dir}")
+            raise UserError(f"checkpoint {resume_path} was trained with a different tokenizer than this run's "
+                            f"({tokenizer_file})")
         loader.load_state_dict(state["data"])
         step, skipped_total = state["step"], state.get("skipped_steps", 0)
+        start = f"resumed from {resume_path} at step {step}"
+    else:
+        start = task.init_model(cfg, rt, model, optimizer) or start  # e.g. SFT's sft.init_from weights
 
     # ---- logs and checkpoints
     if rt.is_main:
@@ -124,23 +171,24 @@ def _train(cfg: Config, objective: Objective, stop: StopRequest, cleanup: contex
     losses = LossLog(rt, log, cfg.train.spike_factor)
     log.print(
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
-        f"{rt.describe(model)} | {rt.plan.describe()} | seq {T} | "
-        + (f"resumed from {resume_path} at step {step}" if resume_path else "from scratch")
+        f"{rt.describe(model)} | {rt.plan.describe()} | seq {T} | {start}"
     )
+    if task.describe():
+        log.print(task.describe())
     if resume_path is not None:
         log.log({"step": step, "event": "resume", "checkpoint": str(resume_path)})
 
     def save(at_step: int) -> Path:
         state = {"data": loader.state_dict(), "tokenizer_fingerprint": loader.fingerprint,
                  "config": redacted_dict(cfg), "trackers": log.tracker_state(),  # tracker run ids, for resuming
-                 "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total}
+                 "tokens_seen": at_step * tokens_per_step, "skipped_steps": skipped_total, **task.checkpoint_state()}
         return saver.save(at_step, model, optimizer, state)  # committed now, or at a later boundary if async
 
     tasks = load_tasks(cfg.train.eval_tasks) if cfg.train.eval_tasks else []  # a bad line is an error now
     tokenizer = load_tokenizer(tokenizer_file) if tasks else None
 
     def evaluate(at_step: int) -> float:
-        metrics = validation_metrics(model, val, rt.device, rt)  # val_loss, val_ppl, val_bpb
+        metrics = task.validate(model, val, rt, at_step)  # val_loss, val_ppl, ...
         log.log({"step": at_step, **metrics})
         if tasks:  # every rank scores its share of the items; eval/<task>/acc, acc_norm and their stderr
             log.log({"step": at_step, **score_tasks(model, tasks, tokenizer, rt, rt.device)})
@@ -224,8 +272,6 @@ def build_data(cfg: Config, rt, cleanup: contextlib.ExitStack):
                                 vocab_limit=cfg.model.vocab_size,  # data of a larger vocabulary is refused
                                 pin_memory=rt.device.type == "cuda")
     cleanup.callback(loader.close)
-    if cfg.train.debug:
-        loader = FirstBatchOnly(loader)
     val_split = TokenShards(cfg.data.dir, "val", storage=storage_kwargs(cfg.data))
     cleanup.callback(val_split.close)
     val = ValidationSet(val_split, cfg.data.seq_len,
@@ -492,7 +538,7 @@ class FirstBatchOnly:
 
     def __init__(self, loader):
         self.loader, self.batch = loader, None
-        self.fingerprint, self.vocab_size = loader.fingerprint, loader.vocab_size
+        self.fingerprint = loader.fingerprint
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.batch is None:
