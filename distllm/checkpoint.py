@@ -630,20 +630,23 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------- load (collective)
 
 
-def load(rt: "Runtime", path: Path, model, optimizer, verify: bool = True) -> dict:
+def load(rt: "Runtime", path: Path, model, optimizer, verify: bool = True, weights_only: bool = False) -> dict:
     """Restore weights, optimizer moments and this rank's RNG from a committed checkpoint; return its state.
+    ``weights_only``: the weights alone (e.g. SFT's ``sft.init_from``): the optimizer and the RNGs stay fresh.
 
     Works for any number of processes and any engine (see the module docstring). Each rank checks and
     reads only the files that hold what it needs. Every rank calls it."""
     manifest = read_marker(path)
     reader = TensorReader(path, manifest)
+    if weights_only:
+        reader.adam_step = 0  # no moments are read, the optimizer's step count stays 0
     params = _named_params(rt, model)
     check_names(path, {n for n, _ in params}, reader.keys())
     for name, p in params:
         check_shape(path, name, reader.shape(name), deepspeed_fence.full_shape(p))  # ZeRO-3: the real shape
     reads, finish = restore_plan(rt, model, optimizer, params, reader)
     rng_name = f"rng-rank{rt.rank:05d}.json"
-    own_rng = rng_name in manifest["files"] and manifest.get("world_size") == rt.world_size
+    own_rng = rng_name in manifest["files"] and manifest.get("world_size") == rt.world_size and not weights_only
     needed = {"state.json", *([rng_name] if own_rng else [])}
     for name, kind, start, stop, _ in reads:
         needed |= reader.files(name, kind, start, stop)

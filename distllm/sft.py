@@ -138,11 +138,7 @@ def tokenizer_file(cfg: Config, base: Path | None) -> Path:
 def load_base_weights(rt, model, optimizer, path: Path, verify: bool = True) -> None:
     """The checkpoint's weights into the engine's model (one process, DDP or ZeRO-1/2/3); the optimizer's
     moments are left empty (its state starts afresh). Every rank calls it."""
-    manifest = checkpoint.read_marker(path)
-    checkpoint.check_files(path, manifest, verify=verify)
-    weights = checkpoint.TensorReader(path, "model", list(manifest["files"]))
-    no_moments = checkpoint.TensorReader(path, "optimizer", [])
-    checkpoint.load_training_state(rt, model, optimizer, weights, no_moments, 0, path)
+    checkpoint.load(rt, path, model, optimizer, verify=verify, weights_only=True)
 
 
 # ---------------------------------------------------------------------------- validation
