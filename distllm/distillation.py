@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distllm.distill import distill_loss, teacher_topk
+from distllm.distill import linear_distill_loss, teacher_topk
 from distllm.errors import ConfigError
 from distllm.train import Task
 
@@ -103,19 +103,30 @@ class DistillTask(Task):
         return f"distill: {what} | loss {loss} + {1 - d.alpha:g} * ce, T = {d.temperature:g}"
 
     def objective(self, model: torch.nn.Module, batch: dict):
-        ids, docs, labels = batch["input_ids"], batch.get("doc_ids"), batch["labels"]
-        if self.teacher is not None:
-            teacher = {"teacher_logits": self.teacher(ids, docs)}  # (B, T, V), no gradients
-            if self.online_topk:
-                top_ids, top_lp, tail = teacher_topk(teacher.pop("teacher_logits"), self.online_topk,
-                                                     self.d.temperature)
-                teacher = {"teacher_topk_ids": top_ids, "teacher_topk_logprobs": top_lp, "teacher_topk_tail": tail}
-        else:
-            teacher = {k: batch[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail")}
-        logits = model(ids, doc_ids=docs)  # (B, T, V) in the compute dtype
-        loss, parts = distill_loss(logits, labels, **teacher, kind=self.d.divergence, alpha=self.d.alpha,
-                                   temperature=self.d.temperature, beta=self.d.beta)
-        return loss, {"divergence": parts["divergence_sum"], "ce": parts["ce_sum"]}
+        return distill_objective(model, batch, self.d, self.teacher, self.online_topk)
+
+
+def distill_objective(model: torch.nn.Module, batch: dict, d, teacher=None, online_topk: int | None = None):
+    """(loss_sum, {"divergence": sum, "ce": sum}) of one micro-batch: the teacher's logits from ``teacher``
+    (online; cut to its top ``online_topk`` if given) or its top-k rows in the batch (offline)."""
+    ids, docs, labels = batch["input_ids"], batch.get("doc_ids"), batch["labels"]
+    if teacher is not None:
+        target = {"teacher_logits": teacher(ids, docs)}  # (B, T, V), no gradients
+        if online_topk:
+            top_ids, top_lp, tail = teacher_topk(target.pop("teacher_logits"), online_topk, d.temperature)
+            target = {"teacher_topk_ids": top_ids, "teacher_topk_logprobs": top_lp, "teacher_topk_tail": tail}
+    else:
+        target = {k: batch[k] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail")}
+    parts = {}
+
+    def head_loss(hidden, weight, flat_labels):  # inside the student's lm_head: no (B*T, V) student logits
+        loss, sums = linear_distill_loss(hidden, weight, flat_labels, **target, kind=d.divergence, alpha=d.alpha,
+                                         temperature=d.temperature, beta=d.beta)
+        parts.update(divergence=sums["divergence_sum"], ce=sums["ce_sum"])
+        return loss
+
+    loss = model(ids, doc_ids=docs, labels=labels, head_loss=head_loss)
+    return loss, parts
 
 
 # --------------------------------------------------------------------------- offline: top-k by stream position
