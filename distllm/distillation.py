@@ -100,7 +100,8 @@ class DistillTask(Task):
         what = (self.teacher.describe(self.world_size) if self.teacher is not None
                 else f"teacher top-{self.reader.k} from {d.topk_dir} (offline)")
         loss = f"{d.alpha:g} * T^2 * {d.divergence}" + (f"(beta {d.beta:g})" if d.divergence == "jsd" else "")
-        return f"distill: {what} | loss {loss} + {1 - d.alpha:g} * ce, T = {d.temperature:g}"
+        line = f"distill: {what} | loss {loss} + {1 - d.alpha:g} * ce, T = {d.temperature:g}"
+        return "\n".join(x for x in (self.base.describe(), line) if x)  # the data task's line (SFT's stats) first
 
     def objective(self, model: torch.nn.Module, batch: dict):
         return distill_objective(model, batch, self.d, self.teacher, self.online_topk)

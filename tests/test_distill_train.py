@@ -189,3 +189,24 @@ def test_offline_top_k_trains_as_online_top_k(tmp_path, prepared_data, teacher):
         with pytest.raises(DataError, match=why) as e:
             distill(bad)
         assert "\n" not in str(e.value)
+
+
+def test_on_sft_data_only_response_tokens_count(tmp_path, prepared_data, teacher):
+    """distill.data: sft with alpha 0 is exactly `distllm sft` (the same response-token labels, the same
+    normalisation, the fused head's CE = the model's CE); with alpha 0.5 the divergence is logged too."""
+    from distllm.distillation import run_distill
+    from distllm.sft import run_sft
+
+    sft = {"max_examples": 60, "eval_prompts": 0, "max_new_tokens": 4}
+    runs = {}
+    for name, alpha in (("sft", None), ("alpha0", 0.0), ("alpha05", 0.5)):
+        cfg = config(tmp_path / name, prepared_data, sft=sft, data={"seq_len": 64},
+                     train={"max_steps": 2, "micro_batch_size": 2},
+                     distill={"teacher": str(teacher), "data": "sft", "alpha": alpha or 0.0})
+        (run_sft if alpha is None else run_distill)(cfg)
+        runs[name] = steps(cfg.run.dir)
+    for s in (1, 2):
+        assert runs["alpha0"][s]["loss"] == pytest.approx(runs["sft"][s]["loss"], rel=1e-5)
+        assert runs["alpha0"][s]["ce"] == pytest.approx(runs["sft"][s]["loss"], rel=1e-5)
+    assert runs["alpha05"][1]["ce"] == pytest.approx(runs["sft"][1]["loss"], rel=1e-5)  # same weights at step 1
+    assert runs["alpha05"][1]["divergence"] > 0
