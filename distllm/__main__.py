@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "run.dir/answers/step_NNNNNN.jsonl. Running the same command again resumes the SFT run. See the "
                    "sft section of the config (configs/sft-debug.yaml).")
 
+    _config_parser("distill", sub, "train a student on a teacher's distribution (knowledge distillation)",
+                   "Train model (the student) on the shards in data.dir with loss = distill.alpha * T^2 * "
+                   "D(teacher, student) + (1 - distill.alpha) * cross-entropy (T = distill.temperature, D = "
+                   "distill.divergence: forward_kl, reverse_kl or jsd), in the same loop as train: checkpoints, "
+                   "auto-resume, signals, torchrun / accelerate launch / Slurm, DDP and ZeRO-1/2/3 (under ZeRO-3 the "
+                   "teacher is partitioned too). distill.teacher is a distllm run or checkpoint directory, or a "
+                   "Hugging Face model directory with the student's tokenizer; with distill.topk_dir the teacher's "
+                   "top-k written by distill-topk is read instead of running the teacher.")
+    _config_parser("distill-topk", sub, "precompute the teacher's top-k log-probabilities for offline distillation",
+                   "Run distill.teacher once over every sample the run's train.max_steps steps read (the training "
+                   "loader's global order for train.seed and train.global_batch_size) and write its distill.k most "
+                   "likely next tokens and their log-probabilities at distill.temperature to distill.topk_dir; then "
+                   "`distllm distill` with the same config trains without the teacher in memory.")
+
     p = _config_parser("eval", sub, "validation loss / bits per byte, or multiple-choice accuracy, of a checkpoint",
                        "Compute the validation loss, perplexity and bits per byte of a checkpoint on the val split of "
                        "the data it was trained on (or data.dir if given). With --tasks, score multiple-choice task "
@@ -275,20 +289,28 @@ def _run(args, extra: list[str], parser) -> int:
         cfg, target = _saved_config(args.config, extra)
     else:
         cfg = load_config(args.config, extra)
-    # checked now, before anything starts; train uses the launcher's number of processes (torchrun, accelerate)
-    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")) if args.command in ("train", "sft") else 1)
+    # checked now, before anything starts; these use the launcher's number of processes (torchrun, accelerate)
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")) if args.command in ("train", "sft", "distill") else 1)
 
     if args.command == "prepare":
         from distllm.data.prepare import prepare
 
         prepare(cfg)
-    elif args.command in ("train", "sft"):
+    elif args.command == "distill-topk":
+        from distllm.distillation import write_topk
+
+        write_topk(cfg)
+    elif args.command in ("train", "sft", "distill"):
         from distllm.train import train
 
         if args.command == "sft":
             from distllm.sft import run_sft
 
             result = run_sft(cfg)
+        elif args.command == "distill":
+            from distllm.distillation import run_distill
+
+            result = run_distill(cfg)
         else:
             result = train(cfg)
         if result.is_main:

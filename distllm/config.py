@@ -286,6 +286,34 @@ class SFTConfig:
     """Longest greedy answer in tokens (generation stops earlier at the end-of-sequence token)."""
 
 
+@dataclass
+class DistillConfig:
+    """``distllm distill``: train the student (``model``) on ``alpha * T**2 * D(teacher_T, student_T) +
+    (1 - alpha) * cross-entropy`` (``distllm/distill.py``), in the same loop as ``distllm train``."""
+
+    teacher: Optional[str] = None
+    """The teacher: a distllm run directory (its newest committed checkpoint) or checkpoint directory, or a
+    Hugging Face model directory (e.g. from ``distllm export``) with the student's tokenizer."""
+    alpha: float = 0.5
+    """Weight of the divergence; 1 - alpha weighs the cross-entropy on the data's labels."""
+    temperature: float = 2.0
+    """T: both distributions are softmax(logits / T) in the divergence (the cross-entropy stays at T = 1)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """``forward_kl`` KL(teacher || student) (Hinton), ``reverse_kl`` KL(student || teacher), ``jsd`` GKD's
+    generalized Jensen-Shannon divergence of weight ``beta``."""
+    beta: float = 0.5
+    """``jsd``'s beta: 0 = forward KL, 1 = reverse KL, 0.5 = the symmetric JSD."""
+    topk_dir: Optional[str] = None
+    """Offline distillation: read the teacher's top-k log-probabilities from this directory (written once by
+    ``distllm distill-topk``) instead of running the teacher."""
+    k: int = 64
+    """``distill-topk``: how many of the teacher's most likely next tokens are stored per position."""
+    data: Literal["tokens", "sft"] = "tokens"
+    """What the student reads: ``tokens``, the prepared shards of ``data.dir`` (every token counts), or ``sft``,
+    the instructions of the ``sft`` section (rendered and packed as ``distllm sft`` does; only response tokens
+    count; ``sft.init_from`` starts the student)."""
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -345,6 +373,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -650,6 +679,7 @@ def find_problems(cfg: Config, world_size: int = 1) -> list[str]:
         problems.append("logging.run_name must not be empty (null = the name of run.dir)")
 
     problems.extend(sft_problems(cfg.sft))
+    problems.extend(distill_problems(cfg.distill))
 
     t = cfg.train
     problems.extend(plan_problems(t.global_batch_size, t.micro_batch_size, world_size))
@@ -681,6 +711,16 @@ def sft_problems(s: SFTConfig) -> list[str]:
             load_chat_template(s.chat_template)
         except ConfigError as e:
             problems.append(str(e))
+    return problems
+
+
+def distill_problems(d: DistillConfig) -> list[str]:
+    problems = [f"distill.{name} must be between 0 and 1, got {value}"
+                for name, value in (("alpha", d.alpha), ("beta", d.beta)) if not 0.0 <= value <= 1.0]
+    if d.temperature <= 0:
+        problems.append(f"distill.temperature must be positive, got {d.temperature}")
+    if d.k <= 0:
+        problems.append(f"distill.k must be positive, got {d.k}")
     return problems
 
 

@@ -108,6 +108,57 @@ def _rows(student: torch.Tensor, labels: torch.Tensor, teacher: tuple, kind: str
     return alpha * temperature**2 * d + (1.0 - alpha) * ce, d, ce
 
 
+def _forward_kl_rows_and_grad(s: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, alpha: float,
+                              temperature: float):
+    """``_rows`` for forward KL on full teacher logits with the gradient w.r.t. the student's fp32 logits
+    s (n, V) in closed form, ``alpha * T * (q_T - p_T) + (1 - alpha) * (softmax(s) - onehot(label))`` (the
+    T**2 of the loss times the 1/T of d(s/T)/ds), in few passes over (n, V), mostly in place (``s`` is
+    consumed). With shifted logits a = t/T - max, b = s/T - max and p = softmax(a), q = softmax(b):
+    KL(p || q) = sum p (a - b) - log sum exp(a) + log sum exp(b)."""
+    T, inv = temperature, 1.0 / temperature
+    a = t.float() * inv  # (n, V)
+    a -= a.amax(-1, keepdim=True)
+    p = a.exp()
+    zp = p.sum(-1, keepdim=True)
+    p /= zp  # p_T
+    b = s * inv
+    m = b.amax(-1, keepdim=True)
+    b -= m
+    a -= b  # a - b
+    cross = torch.linalg.vecdot(p, a)  # sum p (a - b): (n,)
+    q = b.exp_()
+    zq = q.sum(-1, keepdim=True)
+    q /= zq  # q_T
+    d = cross - zp.log().squeeze(-1) + zq.log().squeeze(-1)  # (n,)
+    if T == 1.0:
+        soft, lse = q, (m + zq.log()).squeeze(-1)
+    else:
+        m1 = s.amax(-1, keepdim=True)
+        soft = (s - m1).exp_()
+        z1 = soft.sum(-1, keepdim=True)
+        soft /= z1  # softmax(s)
+        lse = (m1 + z1.log()).squeeze(-1)
+    ce = lse - s.gather(-1, labels[:, None]).squeeze(-1)  # (n,)
+    if soft is q:  # T = 1: alpha * (q - p) + (1 - alpha) * q
+        grad = q.sub_(p, alpha=alpha)
+    else:
+        grad = q.sub_(p).mul_(alpha * T).add_(soft, alpha=1.0 - alpha)  # in place of q
+    grad.scatter_add_(-1, labels[:, None], grad.new_full((labels.numel(), 1), -(1.0 - alpha)))
+    return alpha * T * T * d + (1.0 - alpha) * ce, d, ce, grad
+
+
+def _rows_and_grad(x: torch.Tensor, labels: torch.Tensor, teacher: tuple, kind: str, alpha: float,
+                   temperature: float, beta: float):
+    """(loss, divergence, ce) per row of fp32 student logits x (n, V), and d sum(loss) / dx (n, V) fp32."""
+    if kind == "forward_kl" and len(teacher) == 1:
+        return _forward_kl_rows_and_grad(x, labels, teacher[0], alpha, temperature)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, d, ce = _rows(x, labels, teacher, kind, alpha, temperature, beta)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), d.detach(), ce.detach(), grad
+
+
 # --------------------------------------------------------------------------- chunked sum with its gradient
 
 
@@ -120,10 +171,8 @@ class _ChunkedSum(torch.autograd.Function):
         sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
         for a in range(0, rows.numel(), chunk):
             idx = rows[a : a + chunk]
-            x = logits.index_select(0, idx).float().requires_grad_(True)
-            with torch.enable_grad():
-                loss, d, ce = rows_fn(x, *[e.index_select(0, idx) for e in extras])
-                (g,) = torch.autograd.grad(loss.sum(), x)
+            x = logits.index_select(0, idx).float()
+            loss, d, ce, g = rows_fn(x, *[e.index_select(0, idx) for e in extras])
             grad.index_copy_(0, idx, g.to(grad.dtype))
             sums += torch.stack([loss.sum(), d.sum(), ce.sum()]).detach()
         ctx.save_for_backward(grad)
@@ -135,6 +184,32 @@ class _ChunkedSum(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
         return (grad * grad_loss.to(grad.dtype), None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+def _targets(labels, N: int, V: int, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_tail,
+             kind: str, alpha: float, temperature: float, student_shape: tuple):
+    """Checked arguments -> (labels (N,), the teacher's rows: (logits (N, V),) or (ids (N, k), logprobs (N, k)[, tail (N,)]))."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    flat_labels = labels.reshape(-1)  # (N,)
+    if flat_labels.numel() != N:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match student logits {student_shape}")
+    if teacher_logits is not None:
+        if teacher_logits.numel() != N * V or teacher_logits.size(-1) != V:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} differ from the student's {student_shape} "
+                             "(the same tokenizer and vocabulary rows are needed)")
+        return flat_labels, (teacher_logits.reshape(-1, V).detach(),)
+    if teacher_topk_ids is not None and teacher_topk_logprobs is not None:
+        k = teacher_topk_ids.size(-1)
+        teacher: tuple = (teacher_topk_ids.reshape(-1, k).long(), teacher_topk_logprobs.reshape(-1, k).detach())
+        if teacher_topk_tail is not None:
+            teacher += (teacher_topk_tail.reshape(-1).detach(),)
+        return flat_labels, teacher
+    raise ValueError("pass teacher_logits, or teacher_topk_ids with teacher_topk_logprobs")
 
 
 def distill_loss(
@@ -159,35 +234,15 @@ def distill_loss(
     detached) and ``tokens`` (the number of counted positions). Differentiable w.r.t. the student's
     logits only (the teacher's inputs are treated as constants).
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     V = student_logits.size(-1)
     logits = student_logits.reshape(-1, V)  # (N, V)
-    flat_labels = labels.reshape(-1)  # (N,)
-    if flat_labels.numel() != logits.size(0):
-        raise ValueError(f"labels {tuple(labels.shape)} do not match student logits {tuple(student_logits.shape)}")
-    if teacher_logits is not None:
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} differ from the student's "
-                             f"{tuple(student_logits.shape)} (the same tokenizer and vocabulary rows are needed)")
-        teacher: tuple = (teacher_logits.reshape(-1, V).detach(),)
-    elif teacher_topk_ids is not None and teacher_topk_logprobs is not None:
-        k = teacher_topk_ids.size(-1)
-        teacher = (teacher_topk_ids.reshape(-1, k).long(), teacher_topk_logprobs.reshape(-1, k).detach())
-        if teacher_topk_tail is not None:
-            teacher += (teacher_topk_tail.reshape(-1).detach(),)
-    else:
-        raise ValueError("pass teacher_logits, or teacher_topk_ids with teacher_topk_logprobs")
-
+    flat_labels, teacher = _targets(labels, logits.size(0), V, teacher_logits, teacher_topk_ids, teacher_topk_logprobs,
+                                    teacher_topk_tail, kind, alpha, temperature, tuple(student_logits.shape))
     rows = (flat_labels != IGNORE).nonzero().squeeze(-1)  # (n,) counted positions
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // V)
 
     def rows_fn(x, y, *t):
-        return _rows(x, y, t, kind, alpha, temperature, beta)
+        return _rows_and_grad(x, y, t, kind, alpha, temperature, beta)
 
     extras = (flat_labels,) + teacher
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -196,8 +251,99 @@ def distill_loss(
         sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
         for a in range(0, rows.numel(), chunk):
             idx = rows[a : a + chunk]
-            parts = rows_fn(logits.index_select(0, idx).float(), *[e.index_select(0, idx) for e in extras])
+            parts = _rows(logits.index_select(0, idx).float(), *[e.index_select(0, idx) for e in extras][:1],
+                          tuple(e.index_select(0, idx) for e in extras[1:]), kind, alpha, temperature, beta)
             sums += torch.stack([p.sum() for p in parts])
+        loss = sums[0]
+    return loss, {"divergence_sum": sums[1], "ce_sum": sums[2], "tokens": rows.numel()}
+
+
+class _LinearChunkedSum(torch.autograd.Function):
+    """``_ChunkedSum`` fused with the output projection: the student's logits ``hidden @ weight.T`` are made
+    one chunk of rows at a time and dropped; the gradients w.r.t. hidden and weight are computed in forward
+    (as ``model/fused_loss.py`` does for the cross-entropy), so no (N, V) tensor of the student exists."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, chunk, rows_fn: Callable, *extras):
+        from distllm.model.fused_loss import compute_dtype
+
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = compute_dtype(hidden, weight)
+        acc = torch.promote_types(dtype, torch.float32)
+        dh = torch.zeros_like(hidden) if want_dh else None  # (N, d)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None  # (V, d)
+        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)  # (V, d)
+            for a in range(0, rows.numel(), chunk):
+                idx = rows[a : a + chunk]
+                h = hidden.index_select(0, idx).to(dtype)  # (C, d)
+                loss, d, ce, g = rows_fn((h @ w.T).float(), *[e.index_select(0, idx) for e in extras])  # g (C, V)
+                sums += torch.stack([loss.sum(), d.sum(), ce.sum()])
+                g = g.to(dtype)
+                if want_dh:
+                    dh.index_copy_(0, idx, (g @ w).to(dh.dtype))  # (C, d)
+                if want_dw:
+                    if dtype == acc:
+                        dw.addmm_(g.T, h)  # (V, d) += (V, C) @ (C, d)
+                    else:
+                        dw += g.T @ h  # a bf16 product summed in fp32
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(dh, dw)
+        ctx.mark_non_differentiable(sums)
+        return sums[0].clone(), sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_sums):
+        dh, dw = ctx.saved_tensors
+        dh = None if dh is None else dh.mul_(grad_loss.to(dh.dtype))
+        dw = None if dw is None else dw.mul_(grad_loss).to(ctx.weight_dtype)
+        return (dh, dw, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def linear_distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_tail: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    beta: float = 0.5,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``distill_loss`` of the student logits ``hidden @ weight.T`` without making them: hidden (N, d), weight
+    (V, d) (the output projection), labels (N,) or any shape of N elements, the teacher's tensors as in
+    ``distill_loss`` with N rows. Differentiable w.r.t. hidden and weight; the same value and metrics."""
+    N, V = hidden.size(0), weight.size(0)
+    flat_labels, teacher = _targets(labels, N, V, teacher_logits, teacher_topk_ids, teacher_topk_logprobs,
+                                    teacher_topk_tail, kind, alpha, temperature, (N, V))
+    rows = (flat_labels != IGNORE).nonzero().squeeze(-1)  # (n,) counted positions
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // V)
+    extras = (flat_labels,) + teacher
+
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        def rows_fn(x, y, *t):
+            return _rows_and_grad(x, y, t, kind, alpha, temperature, beta)
+
+        loss, sums = _LinearChunkedSum.apply(hidden, weight, rows, chunk, rows_fn, *extras)
+    else:
+        from distllm.model.fused_loss import compute_dtype
+
+        dtype = compute_dtype(hidden, weight)
+        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for a in range(0, rows.numel(), chunk):
+                idx = rows[a : a + chunk]
+                x = (hidden.index_select(0, idx).to(dtype) @ w.T).float()
+                parts = _rows(x, flat_labels.index_select(0, idx), tuple(e.index_select(0, idx) for e in teacher),
+                              kind, alpha, temperature, beta)
+                sums += torch.stack([p.sum() for p in parts])
         loss = sums[0]
     return loss, {"divergence_sum": sums[1], "ce_sum": sums[2], "tokens": rows.numel()}
 

@@ -196,7 +196,9 @@ def format_record(r: dict) -> str:
                 f"the recent mean) in samples {r['samples'][:8]}{' ...' if len(r['samples']) > 8 else ''}")
     if {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= r.keys():
         return (
-            f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
+            f"step {r['step']:>6} | loss {r['loss']:.4f}"
+            + "".join(f" | {k} {r[k]:.4f}" for k in ("divergence", "ce") if k in r)  # distill's parts
+            + f" | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
             f" | {r['tokens_per_s']:,.0f} tok/s | " + ("mfu n/a" if r["mfu"] is None else f"mfu {100 * r['mfu']:.2f}%")
         )
     # any other record (evaluation metrics, ...): its numeric values by name

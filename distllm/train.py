@@ -210,14 +210,16 @@ def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
             batches.append({k: v.to(rt.device, non_blocking=True) for k, v in loader.next_batch().items()})
             indices.append(loader.last_indices)
         step_tokens = rt.sum(sum(counted_tokens(b) for b in batches))  # the step's counted tokens, every rank
-        step_loss = torch.zeros((), device=rt.device)
+        step_loss, step_parts = torch.zeros((), device=rt.device), {}
         for batch in batches:
             with rt.accumulate(model):
-                loss_sum, _ = objective(model, batch)
+                loss_sum, parts = objective(model, batch)  # parts: the objective's own sums, logged like the loss
                 if faults.trigger("loss", rank=rt.rank, step=step + 1):
                     loss_sum = loss_sum * float("inf")
                 rt.backward(loss_sum, step_tokens)
             step_loss += loss_sum.detach()
+            for name, value in parts.items():
+                step_parts[name] = step_parts.get(name, 0.0) + value.detach().float()
         grad_norm, applied = rt.optimizer_step(model, optimizer, cfg.optim.grad_clip)
         step_samples = np.concatenate(indices)  # this rank's global sample indices of the step
         step += 1
@@ -227,7 +229,7 @@ def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
         # what the step left: a skipped step, or one more loss to log
         if applied:
             skipped_in_a_row = 0
-            losses.add(step, lr, step_loss, step_tokens, grad_norm, step_samples)
+            losses.add(step, lr, step_loss, step_tokens, grad_norm, step_samples, step_parts)
         else:  # a non-finite gradient on some rank: every rank skipped this step
             skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
             check_nonfinite(rt, log, cfg, step, step_loss / step_tokens, grad_norm, skipped_in_a_row, run_dir)
@@ -361,19 +363,21 @@ class Throughput:
 
 
 class LossLog:
-    """Step losses kept on the device until a logging step (one all-reduce for many steps, no host sync
-    per step), then logged with the spike check."""
+    """Step losses (and the objective's parts, e.g. distillation's divergence and ce) kept on the device until
+    a logging step (one all-reduce for many steps, no host sync per step), then logged with the spike check."""
 
     def __init__(self, rt, log: MetricsLogger, spike_factor: float):
         self.rt, self.log, self.spike_factor = rt, log, spike_factor
         self.pending: list[tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]] = []
+        self.parts: list[dict[str, torch.Tensor]] = []  # per pending step: the objective's sums by name
         self.recent: deque = deque(maxlen=50)  # recent step losses, for spike detection
         self.first: float | None = None
         self.last = float("nan")
 
     def add(self, step: int, lr: float, loss_sum: torch.Tensor, tokens: torch.Tensor, grad_norm: torch.Tensor,
-            samples: np.ndarray) -> None:
+            samples: np.ndarray, parts: dict[str, torch.Tensor] | None = None) -> None:
         self.pending.append((step, lr, loss_sum, tokens, grad_norm, samples))
+        self.parts.append(parts or {})
 
     def flush(self, speed: Throughput) -> None:
         sums = self.rt.sum(torch.stack([p[2] for p in self.pending]))  # the logging sync, not every step
@@ -384,9 +388,18 @@ class LossLog:
         self.first = values[0] if self.first is None else self.first
         self.last = sum(values) / len(values)
         s, lr, _, tokens, norm, _ = self.pending[-1]
-        self.log.log({"step": s, "loss": self.last, "lr": lr, "grad_norm": float(norm), **speed.report(),
-                      "tokens": s * speed.tokens_per_step})
+        self.log.log({"step": s, "loss": self.last, **self.part_means(counts), "lr": lr, "grad_norm": float(norm),
+                      **speed.report(), "tokens": s * speed.tokens_per_step})
         self.pending.clear()
+        self.parts.clear()
+
+    def part_means(self, counts: torch.Tensor) -> dict[str, float]:
+        """The objective's parts per counted token, averaged over the pending steps like the loss."""
+        names = sorted(self.parts[0]) if self.parts else []
+        if not names:
+            return {}
+        sums = self.rt.sum(torch.stack([torch.stack([p[n] for n in names]) for p in self.parts]))  # (steps, parts)
+        return dict(zip(names, (sums / counts[:, None]).mean(0).tolist()))
 
 
 def check_nonfinite(rt, log: MetricsLogger, cfg: Config, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,

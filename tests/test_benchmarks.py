@@ -77,6 +77,17 @@ def test_distill_loss_benchmark_runs_and_reports_its_ratios():
     assert m and all(float(x) >= 0 for x in m.groups()), r.stdout
 
 
+def test_distill_step_benchmark_runs_and_reports_its_ratios():
+    """benchmarks/bench_distill_step.py at a tiny shape: every kind of step runs and both ratios are printed."""
+    r = subprocess.run([sys.executable, str(BENCH.with_name("bench_distill_step.py")), "--vocab", "512", "--batch", "2",
+                        "--seq", "32", "--teacher", "2,2,2,64", "--student", "1,2,2,32", "--k", "8", "--rounds", "1",
+                        "--steps", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    online = re.search(r"online distillation / \(student step \+ teacher forward\) = ([0-9.]+)", r.stdout)
+    offline = re.search(r"offline top-8 step / online step = ([0-9.]+)", r.stdout)
+    assert online and offline and float(online.group(1)) > 0 and float(offline.group(1)) > 0, r.stdout
+
+
 LOSS_BENCH = BENCH.with_name("bench_loss_memory.py")
 
 

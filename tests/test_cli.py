@@ -11,7 +11,7 @@ import yaml
 
 from distllm.__main__ import lost_contact, main, quiet_library_warnings
 
-COMMANDS = ["prepare", "train", "eval", "generate", "plot"]
+COMMANDS = ["prepare", "train", "eval", "generate", "plot", "distill", "distill-topk"]
 
 
 def run_cli(*args, cwd=None):

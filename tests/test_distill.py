@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, kl_divergence
 
-from distllm.distill import DIVERGENCES, distill_loss, teacher_topk
+from distllm.distill import DIVERGENCES, distill_loss, linear_distill_loss, teacher_topk
 
 V = 50
 
@@ -63,7 +63,7 @@ def coarsened_reference(student, teacher, ids, labels, kind, alpha, T):
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
-@pytest.mark.parametrize("alpha, T, beta", [(0.5, 2.0, 0.5), (1.0, 1.0, 0.1), (0.3, 4.0, 0.9)])
+@pytest.mark.parametrize("alpha, T, beta", [(0.5, 2.0, 0.5), (1.0, 1.0, 0.1), (0.3, 4.0, 0.9), (0.6, 1.0, 0.5)])
 def test_values_and_gradients_match_a_straightforward_computation(kind, alpha, T, beta):
     student, teacher, labels = data()
     x = student.clone().requires_grad_(True)
@@ -196,3 +196,33 @@ def test_chunking_and_no_grad_give_the_same_result():
     assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
     assert loss.item() == pytest.approx(distill_loss(x.float(), labels, teacher_logits=teacher.bfloat16().float(),
                                                      kind="forward_kl")[0].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "topk"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_fused_with_the_output_projection_equals_the_loss_on_logits(kind, teacher_kind):
+    """linear_distill_loss(hidden, weight) == distill_loss(hidden @ weight.T): value, parts and the gradients
+    of hidden and weight (the chain rule through the projection), in chunks smaller than the rows."""
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(3 * 7, 16, generator=g), torch.randn(V, 16, generator=g) * 0.5
+    _, teacher, labels = data(8)
+    target = ({"teacher_logits": teacher.reshape(-1, V)} if teacher_kind == "logits" else
+              dict(zip(("teacher_topk_ids", "teacher_topk_logprobs", "teacher_topk_tail"),
+                       (t.reshape(-1, *t.shape[2:]) for t in teacher_topk(teacher, 6, 2.0)))))
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss1, m1 = distill_loss(h1 @ w1.T, labels.reshape(-1), **target, kind=kind, alpha=0.3, temperature=2.0)
+    loss1.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss2, m2 = linear_distill_loss(h2, w2, labels.reshape(-1), **target, kind=kind, alpha=0.3, temperature=2.0,
+                                    chunk_size=4)
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-5)
+    for key in ("divergence_sum", "ce_sum"):
+        torch.testing.assert_close(m2[key], m1[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+    assert (h2.grad[labels.reshape(-1) == -100] == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(linear_distill_loss(hidden, weight, labels.reshape(-1), **target, kind=kind,
+                                                       alpha=0.3, temperature=2.0)[0], loss1.detach(), rtol=1e-5,
+                                   atol=1e-5)

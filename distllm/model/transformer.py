@@ -113,9 +113,11 @@ class OutputHead(Linear):
 
     chunk_tokens: int | None = None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, loss_fn=None) -> torch.Tensor:
         if labels is None:
             return super().forward(x)  # (B, T, vocab)
+        if loss_fn is not None:  # another loss fused with this projection, e.g. distill.linear_distill_loss
+            return loss_fn(x.flatten(0, -2), self.weight, labels.flatten())
         return linear_cross_entropy(x.flatten(0, -2), self.weight, labels.flatten(), self.chunk_tokens)
 
 
@@ -258,8 +260,8 @@ class Transformer(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=device or weight.device, dtype=dtype or weight.dtype)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                *, cache: KVCache | None = None, start_pos: int = 0, attn_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                *, cache: KVCache | None = None, start_pos: int = 0, attn_mask: torch.Tensor | None = None,
+                head_loss=None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab_size); with ``labels`` (B, T) int64 (the target of each
         position, -100 = not counted) -> the fp32 SUM of the counted tokens' cross-entropies, computed
         in chunks inside ``lm_head`` (no (B*T, vocab) logits).
@@ -268,7 +270,9 @@ class Transformer(nn.Module):
         (FlexAttention on CUDA, a dense mask elsewhere: ``kernels.document_mask``). With a ``cache``,
         tokens sit at positions start_pos.. (inference; no doc_ids). ``attn_mask`` (B, 1, T, T) bool
         (True = may attend) replaces the causal mask (the dense form of doc_ids, kept for callers that
-        build it themselves)."""
+        build it themselves). ``head_loss(hidden (B*T, d), lm_head weight (V, d), labels (B*T,))`` replaces the
+        cross-entropy by another summed loss computed inside ``lm_head`` (so ZeRO-3 gathers its weight around
+        it), e.g. distillation's, without the (B*T, vocab) logits."""
         B, T = tokens.shape
         end = start_pos + T
         if end > self.cfg.max_seq_len:
@@ -294,4 +298,4 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cache, start_pos, attn_mask)  # (B, T, d)
         if labels is None:
             return self.lm_head(self.norm(x))  # (B, T, vocab_size)
-        return self.lm_head(self.norm(x), labels)  # fp32 scalar: summed cross-entropy
+        return self.lm_head(self.norm(x), labels, head_loss)  # fp32 scalar: summed cross-entropy (or head_loss)
