@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from distllm.config import Config, from_dict  # noqa: E402
+from tiny_data import TINY_VOCAB, tiny_data_config  # noqa: E402,F401  (tests import them from tiny_data)
 
 torch.set_num_threads(2)
 
@@ -49,7 +50,6 @@ UNICODE_DOC = (
     "Combining: e\u0301 a\u0308 n\u0303; zero\u200bwidth; tabs\tand   runs of    spaces.\n"
     "A document may mention <|endoftext|> literally without ending.\n"
 )
-TINY_VOCAB = 512
 
 
 def module_document(name: str, max_chars: int = 2000) -> str:
@@ -75,17 +75,6 @@ def tiny_corpus(tmp_path_factory):
         (root / f"doc_{i:02d}_{name}.txt").write_text(module_document(name), encoding="utf-8")
     (root / f"doc_{len(TINY_MODULES):02d}_unicode.txt").write_text(UNICODE_DOC, encoding="utf-8")
     return root
-
-
-def tiny_data_config(source, data_dir) -> Config:
-    """Config used to prepare the tiny data (also handy for tests that prepare variants)."""
-    return from_dict(
-        {
-            "data": {"source": str(source), "dir": str(data_dir), "val_fraction": 0.1},
-            "tokenizer": {"vocab_size": TINY_VOCAB},
-            "logging": {"progress": False},
-        }
-    )
 
 
 @pytest.fixture(scope="session")

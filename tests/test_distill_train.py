@@ -19,7 +19,7 @@ from distllm.distillation import DistillTask, write_topk
 from distllm.errors import DataError
 from distllm.train import train
 
-from conftest import TINY_VOCAB, tiny_data_config
+from tiny_data import TINY_VOCAB, tiny_data_config
 from distributed_runs import check, env, free_port
 
 
