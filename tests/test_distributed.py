@@ -62,8 +62,12 @@ def test_two_node_launch_logged_one_header(dist_runs):
     assert "process(es)" not in node1.stdout  # only the global rank 0 prints and writes metrics
 
 
-@pytest.mark.parametrize("engine", ["one", "ddp", "zero2", "zero3", "one-async", "ddp-async", "zero2-async",
-                                    "zero3-async"])
+# the background save is the same code under every engine: DDP and ZeRO-3 with it in CI, the rest with -m slow
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("engine", ["one", "ddp", "zero2", "zero3", pytest.param("one-async", marks=SLOW), "ddp-async",
+                                    pytest.param("zero2-async", marks=SLOW), "zero3-async"])
 def test_resume_is_bit_exact(dist_runs, engine):
     """20 steps straight == exit_at_step=10 then the same command again: every loss with ==, and the
     final weights and AdamW moments bit for bit; with saves written synchronously or in the background
@@ -114,7 +118,7 @@ def test_resume_on_another_number_of_processes(dist_runs, first, then):
         assert torch.allclose(b[k], a[k], rtol=1e-3, atol=1e-3 * float(a[k].abs().max())), k
 
 
-@pytest.mark.parametrize("engine", ["ddp-async", "zero2", "zero3", "zero2-async", "zero3-async"])
+@pytest.mark.parametrize("engine", ["ddp-async", "zero2", "zero3", pytest.param("zero2-async", marks=SLOW), "zero3-async"])
 def test_a_save_moves_no_tensor_between_ranks(dist_runs, engine):
     """Each rank writes its own share: while saving (sync or in the background), no collective moves a
     floating-point tensor (a gathered parameter or moment would be one); only the small reports travel.
