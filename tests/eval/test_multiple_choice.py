@@ -220,6 +220,8 @@ flat = score_tasks(model, tasks, tok, rt, rt.device)
 assert model.training  # restored for the loop
 if rt.is_main:
     json.dump({"result": result, "flat": flat, "engine": rt.engine_name}, open(sys.argv[4], "w"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # as distllm's main does: no gloo thread left to abort the exit
 """
 
 
