@@ -42,7 +42,7 @@ from distllm.evaluate import ValidationSet, validation_metrics
 from distllm.metrics import MetricsLogger
 from distllm.model import Transformer, count_params, flops_per_token
 from distllm.model.flops import mfu, peak_flops
-from distllm.objectives import Objective, counted_tokens, next_token_objective
+from distllm.objectives import counted_tokens, next_token_objective
 from distllm.optim import apply_config, build_optimizer, lr_at, set_lr
 from distllm.preemption import StopRequest
 from distllm.run_lock import RunLock
@@ -105,17 +105,16 @@ class Task:
         return ""
 
 
-def train(cfg: Config, objective: Objective | None = None, task: Task | None = None) -> TrainResult:
-    """Run ``task`` (default: pretraining) with ``objective`` (default: the task's own)."""
+def train(cfg: Config, task: Task | None = None) -> TrainResult:
+    """Run ``task`` (default: pretraining): its data, its objective, the one loop."""
     task = task or Task()
     stop = StopRequest()  # from here on, SIGTERM / SIGUSR1 / SIGINT only set a flag
     with contextlib.ExitStack() as cleanup:  # runs on every exit: return, error, Ctrl-C
         cleanup.callback(stop.restore)
-        return _train(cfg, task, objective or task.objective, stop, cleanup)
+        return _train(cfg, task, stop, cleanup)
 
 
-def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
-           cleanup: contextlib.ExitStack) -> TrainResult:
+def _train(cfg: Config, task: Task, stop: StopRequest, cleanup: contextlib.ExitStack) -> TrainResult:
     # ---- runtime and the resume decision (made once, on rank 0, and broadcast)
     if cfg.train.debug:
         cfg = debug_config(cfg)
@@ -173,8 +172,8 @@ def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
         f"model {count_params(cfg.model) / 1e6:.2f}M params | {rt.world_size} process(es) on {rt.device.type}, "
         f"{rt.describe(model)} | {rt.plan.describe()} | seq {T} | {start}"
     )
-    if task.describe():
-        log.print(task.describe())
+    if line := task.describe():
+        log.print(line)
     if resume_path is not None:
         log.log({"step": step, "event": "resume", "checkpoint": str(resume_path)})
 
@@ -213,7 +212,7 @@ def _train(cfg: Config, task: Task, objective: Objective, stop: StopRequest,
         step_loss, step_parts = torch.zeros((), device=rt.device), {}
         for batch in batches:
             with rt.accumulate(model):
-                loss_sum, parts = objective(model, batch)  # parts: the objective's own sums, logged like the loss
+                loss_sum, parts = task.objective(model, batch)  # parts: the objective's own sums, logged like the loss
                 if faults.trigger("loss", rank=rt.rank, step=step + 1):
                     loss_sum = loss_sum * float("inf")
                 rt.backward(loss_sum, step_tokens)
