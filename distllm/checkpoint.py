@@ -842,8 +842,10 @@ class Checkpointer:
 
     def _commit(self, pending: PendingSave, t0: float) -> None:
         self.last_path = pending.commit(self.keep_last)
-        waited = time.monotonic() - t0
-        self.exit_seconds = max(self.seconds, pending.write_seconds + waited)
+        waited = time.monotonic() - t0  # sync: the whole save; async: joining the writer and committing
+        # what the same save would take before an exit: async, the snapshot the loop waited for (``seconds``,
+        # still this save's) + the background write + the commit; sync, the whole save, counted once
+        self.exit_seconds = self.seconds + pending.write_seconds + waited if self.async_save else waited
         self.on_commit(self.last_path)
         if self.async_save:
             self.report(f"saved checkpoint {self.last_path} (written in {pending.write_seconds:.1f} s in the "
