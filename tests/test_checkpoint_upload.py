@@ -10,20 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.conftest import DUMMY_AWS_ENV, _start_moto
+from data.conftest import moto_server as s3  # noqa: F401  (the fixture: a private moto server on 127.0.0.1)
 from distllm import checkpoint
 from distllm.train import train
 
 SECRET = "wJalrXUtnFEMI-not-a-real-secret"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    for key, value in DUMMY_AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    server = _start_moto()
-    yield server
-    server.stop()
 
 
 def test_committed_checkpoints_are_uploaded_and_a_new_directory_resumes_from_the_bucket(tiny_config, tmp_path, s3,
