@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from distllm import checkpoint
+from distllm.durable import fsync_path, write_durably
 from distllm.errors import CheckpointError
 from distllm.redact import redact_text
 
@@ -115,8 +116,11 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None) -> Pa
     (tmp / checkpoint.MARKER).unlink()
     for file in manifest["files"]:
         fs.get_file(f"{root}/{file}", str(tmp / file))
+        fsync_path(tmp / file)
+    fsync_path(tmp)
     tmp.rename(final)
-    (final / checkpoint.MARKER).write_bytes(marker_text)  # last: only a whole copy counts
+    write_durably(final / checkpoint.MARKER, marker_text)  # last, as a local save commits: only a whole copy counts
+    fsync_path(final.parent)
     return final
 
 
