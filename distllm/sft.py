@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from distllm.config import Config, check_vocab
 from distllm.data.sft import SFTData, SFTDataset, build_sft_data
 from distllm.data.sft_loader import SFTLoader
 from distllm.data.shards import TOKENIZER_FILE
+from distllm.durable import write_durably
 from distllm.errors import ConfigError
 from distllm.generate import chat_generate
 from distllm.metrics import perplexity
@@ -195,9 +195,7 @@ class SFTValidation:
             return None
         path = self.run_dir / "answers" / f"step_{step:06d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        write_durably(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
         return path
 
     def run(self, model, rt, step: int) -> dict:
