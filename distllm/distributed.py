@@ -397,11 +397,21 @@ def _read_json(path: str) -> dict:
 def bucket_elements(cfg: Config) -> int:
     """Communication bucket size: DeepSpeed's 5e8-element default dominates memory at small scale,
     so a bucket is sized from the model: 1/8 of its parameters, at least d_model^2, at most 5e8."""
-    if cfg.distributed.bucket_elements:
-        return cfg.distributed.bucket_elements
+    return cfg.distributed.bucket_elements or model_bucket(cfg.model)
+
+
+def model_bucket(model_cfg) -> int:
+    """1/8 of the model's parameters, at least d_model^2, at most DeepSpeed's default (``bucket_elements``)."""
     from distllm.model import count_params
 
-    return int(min(DEEPSPEED_DEFAULT_BUCKET, max(cfg.model.d_model**2, count_params(cfg.model) // 8)))
+    return int(min(DEEPSPEED_DEFAULT_BUCKET, max(model_cfg.d_model**2, count_params(model_cfg) // 8)))
+
+
+def zero3_sizes(model_cfg, bucket: int) -> dict[str, int]:
+    """ZeRO-3's gathering sizes for a model: buckets of ``bucket`` elements; parameters up to ten rows of
+    d_model (the norms) stay whole on every rank."""
+    return {"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 10 * model_cfg.d_model,
+            "stage3_max_live_parameters": bucket, "stage3_max_reuse_distance": bucket}
 
 
 def build_deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, stage: int,
@@ -419,13 +429,8 @@ def build_deepspeed_config(cfg: Config, plan: BatchPlan, precision: str, stage: 
         "allgather_bucket_size": bucket,
     }
     if stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": bucket,
-            "stage3_param_persistence_threshold": 10 * cfg.model.d_model,  # norms stay whole on every rank
-            "stage3_max_live_parameters": bucket,
-            "stage3_max_reuse_distance": bucket,
-            "stage3_gather_16bit_weights_on_model_save": False,  # distllm gathers fp32 weights itself
-        })
+        zero.update(zero3_sizes(cfg.model, bucket))
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # distllm writes its fp32 partitions itself
     if offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": torch.cuda.is_available()}
     if offload_params != "none":

@@ -126,15 +126,10 @@ def _distllm_teacher(path: Path, rt, student_fp: str, student_vocab: int, studen
 def teacher_ds_config(student: dict, mcfg) -> dict:
     """The student's DeepSpeed config with the ZeRO-3 sizes of the teacher (small parameters, up to ten
     rows of d_model, stay whole on every rank)."""
-    from distllm.model import count_params
+    from distllm.distributed import model_bucket, zero3_sizes
 
     ds = copy.deepcopy(student)
-    bucket = int(min(5e8, max(mcfg.d_model**2, count_params(mcfg) // 8)))
-    ds["zero_optimization"].update({
-        "stage3_param_persistence_threshold": 10 * mcfg.d_model,
-        "stage3_prefetch_bucket_size": bucket, "stage3_max_live_parameters": bucket,
-        "stage3_max_reuse_distance": bucket,
-    })
+    ds["zero_optimization"].update(zero3_sizes(mcfg, model_bucket(mcfg)))
     for key in ("offload_optimizer",):  # no optimizer
         ds["zero_optimization"].pop(key, None)
     return ds
