@@ -6,19 +6,36 @@ bytes in the header's order), so any safetensors reader reads it, and returns th
 sha256 without reading it back. The file is created with mode 0666 minus the process umask (0644
 under the usual 022), so a teammate on shared storage can read checkpoints and exports
 (``safetensors``' own writer leaves 0600).
+
+Two things keep the durable, hashed write about as fast as an unhashed ``torch.save`` + fsync:
+
+* the sha256 runs on a second thread over the same host buffers while this thread writes them (both
+  release the GIL), so hashing (~1.6 GB/s a core) overlaps the copy into the page cache instead of
+  adding to it;
+* on Linux, ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts the disk writeback of each ``WRITEBACK``
+  bytes as soon as they are written, so the final ``fsync`` waits for the last few megabytes, not for
+  the whole file (a plain write-then-fsync leaves the disk idle until the end). The ``fsync`` is still
+  what makes the file durable; the hint only moves the disk's work earlier.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import struct
+import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-CHUNK = 8 << 20  # bytes hashed and written at a time: stays in the CPU caches between the two
+CHUNK = 8 << 20  # bytes written at a time
+WRITEBACK = 64 << 20  # start the disk writeback of every this many bytes written (Linux)
+HASH_THREAD = True  # hash on a second thread, concurrently with the write
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
@@ -37,35 +54,96 @@ def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = N
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-          after_first_chunk=None) -> tuple[int, str]:
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+          metadata: dict[str, str] | None = None) -> tuple[int, str]:
     """Write ``tensors`` (CPU tensors; others are copied to the CPU) as a safetensors file and fsync it.
 
-    Returns (size in bytes, sha256 hex digest) of the bytes written. ``after_first_chunk`` is called
-    once the header is on its way (fault injection: a crash in the middle of a write)."""
+    Returns (size in bytes, sha256 hex digest) of the bytes written."""
     tensors = {k: _host(t) for k, t in tensors.items()}
-    digest, size = hashlib.sha256(), 0
+    head = header(tensors, metadata)
+    hasher = _Hasher(head, tensors) if HASH_THREAD else None
+    digest = hashlib.sha256() if hasher is None else None
+    size = 0
     fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        def put(buf) -> None:
-            nonlocal size
-            digest.update(buf)  # releases the GIL for large buffers, as os.write does
+        flushed = 0
+        for buf in _buffers(head, tensors):
+            if digest is not None:
+                digest.update(buf)  # releases the GIL for large buffers, as os.write does
             view = memoryview(buf)
             while view:
                 view = view[os.write(fd, view):]
             size += len(buf)
-
-        put(header(tensors, metadata))
-        if after_first_chunk is not None:
-            after_first_chunk()
-        for t in tensors.values():
-            data = _bytes(t)
-            for i in range(0, len(data), CHUNK):
-                put(data[i : i + CHUNK])
+            if WRITEBACK and size - flushed >= WRITEBACK:
+                _start_writeback(fd, flushed, size - flushed)
+                flushed = size
         os.fsync(fd)
+    except BaseException:
+        if hasher is not None:
+            hasher.stop()
+        raise
     finally:
         os.close(fd)
-    return size, digest.hexdigest()
+    return size, (hasher.hexdigest() if hasher is not None else digest.hexdigest())
+
+
+def _buffers(head: bytes, tensors: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
+    """The file's bytes in order: the header, then each tensor's bytes in CHUNK-sized views (no copies)."""
+    yield head
+    for t in tensors.values():
+        data = _bytes(t)
+        for i in range(0, len(data), CHUNK):
+            yield data[i : i + CHUNK]
+
+
+class _Hasher:
+    """The sha256 of ``_buffers(head, tensors)``, computed on a thread of its own."""
+
+    def __init__(self, head: bytes, tensors: dict[str, torch.Tensor]):
+        self._digest, self._error, self._stopped = hashlib.sha256(), None, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(head, tensors), name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, head, tensors) -> None:
+        try:
+            for buf in _buffers(head, tensors):
+                if self._stopped.is_set():
+                    return
+                self._digest.update(buf)
+        except BaseException as e:  # reported by hexdigest
+            self._error = e
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk now (a hint: errors are left to fsync)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
