@@ -254,7 +254,11 @@ class TensorReader:
         return {file for file, *_ in self._pieces(name, kind, start, stop)}
 
     def read(self, name: str, kind: str = "weight", start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened parameter ``name`` (``kind``: weight, exp_avg, exp_avg_sq)."""
+        """Elements [start, stop) of the flattened parameter ``name`` (``kind``: weight, exp_avg, exp_avg_sq).
+
+        Copy it into memory of your own before keeping it: a whole fp32 piece comes as safetensors gives it, a
+        view of the file's private memory map, which would keep the file's pages (and, once retention deletes
+        the checkpoint, its disk space) for as long as the tensor lives."""
         stop = self.numel(name) if stop is None else stop
         parts = [(lo, hi, _flat_range(self._slice(file, tensor), at, at + hi - lo))
                  for file, tensor, at, lo, hi in self._pieces(name, kind, start, stop)]
@@ -674,9 +678,9 @@ def restore_plan(rt: "Runtime", model, optimizer, params, reader: TensorReader) 
         moments: dict[tuple[str, str], torch.Tensor] = {}
         for name, p in params:
             reads.append((name, "weight", 0, p.numel(), lambda t, p=p: p.copy_(t.view(p.shape))))
-            for kind in KINDS[1:] if adam_step else ():
-                reads.append((name, kind, 0, p.numel(),
-                              lambda t, key=(name, kind), p=p: moments.__setitem__(key, t.view(p.shape).to(p.device))))
+            for kind in KINDS[1:] if adam_step else ():  # a copy: ``read`` may return a view of the file's mapping
+                reads.append((name, kind, 0, p.numel(), lambda t, key=(name, kind), p=p: moments.__setitem__(
+                    key, t.view(p.shape).to(p.device, copy=True))))
 
         def finish() -> None:
             if not adam_step:

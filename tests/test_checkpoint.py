@@ -323,3 +323,18 @@ def test_async_save_on_a_full_disk_stops_at_the_next_boundary(small_disk):
     assert "\n" not in str(e.value)
     assert checkpoint.latest(small_disk) == first
     assert [p.name for p in checkpoint.checkpoint_dir(small_disk).iterdir()] == ["step_000001"]
+
+
+def test_a_loaded_optimizer_does_not_keep_the_checkpoint_mapped(tmp_path):
+    """safetensors returns views of a private memory map of the file: kept as AdamW's moments, they held the
+    checkpoint's pages (and, after retention deleted it, its disk space) for the rest of the run."""
+    import gc
+
+    path = _save(tmp_path, 1)
+    fresh = Tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), fused=True)
+    checkpoint.load(local_runtime(), path, fresh, fresh_opt)
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(path) in line]
+    assert not mapped, mapped
+    assert all(st["exp_avg"].abs().sum() > 0 for st in fresh_opt.state.values())
