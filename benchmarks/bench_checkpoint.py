@@ -16,24 +16,32 @@ moments exist, then, alternating over --rounds rounds:
 * baseline: ``torch.save({"model": ..., "optimizer": ...})`` + fsync of the file, and ``torch.load``
   + ``load_state_dict``.
 
+distllm's save and its baseline's alternate within each round (which goes first alternates too), after an
+untimed warm-up save of each (the first writes into a fresh page cache are slow on a VM), and each starts
+from a settled disk: ``os.sync`` first, so that no save pays for the writeback of the one before (DeepSpeed
+and a plain ``torch.save`` leave their pages dirty). Until December the baselines ran after all of distllm's
+rounds, on a warmer machine; that order alone made distllm's save look 2-3x slower.
+
 Part 2, 2 processes (``torchrun``, gloo) for DDP, ZeRO-2 and ZeRO-3: distllm's save (each rank writes
 its share, nothing gathered) against, in the same job, DeepSpeed's ``engine.save_checkpoint`` (ZeRO) or
 rank 0's ``torch.save`` + fsync of the whole state (DDP: what a DDP script does); the asynchronous
 save's blocking time against the synchronous save; load on the 2 ranks against DeepSpeed's
 ``load_checkpoint``. Times run barrier to barrier. Part 3 loads part 2's 2-rank checkpoints into one
-process.
+process. ``--ranks 1`` runs part 2 on one rank, which then has a spare core for its hashing thread, as a
+rank on a GPU node has (8 GPUs on 100+ cores); with 2 ranks on 2 cores, sha256 competes with the writes.
 
 Peak host memory during a save: the growth of this process's peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs``) over its RSS before the save, until the save is committed: a synchronous
 CPU save writes the tensors in place, an asynchronous one copies them to host memory first (its price).
 Files go to --dir (default: a temporary directory) and are read back from a warm page cache.
-Medians over the rounds are printed.
+Medians and bests (minimums) over the rounds are printed, and the ratios of both.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -59,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="save+load rounds per format, alternating")
     p.add_argument("--no-multi", action="store_true", help="skip the 2-process parts (DDP, ZeRO-2, ZeRO-3)")
     p.add_argument("--engines", default="ddp,zero2,zero3", help="2-process engines to measure (comma-separated)")
+    p.add_argument("--ranks", type=int, default=2, help="processes for part 2 (1: one rank with the other cores "
+                   "free, as a GPU node's rank has them)")
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary directory)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -152,8 +162,21 @@ def peak_growth(out: dict, key: str):
         out[key] = max(0, peak_rss_bytes() - before)
 
 
-def save_rounds(rt, cfg, model, optimizer, run_root: Path, rounds: int, t: dict, mem: dict, barrier=lambda: None):
-    """distllm's synchronous save, its asynchronous save (blocked / until committed), its load; into ``t``."""
+def settle(barrier=lambda: None) -> None:
+    """Before each timed save: every dirty page of the previous writer is on disk (``os.sync``), so that no save
+    pays for another's writeback (DeepSpeed's ``save_checkpoint`` and a plain ``torch.save`` leave theirs
+    unsynced), and every rank starts together."""
+    os.sync()
+    barrier()
+
+
+def save_rounds(rt, cfg, model, optimizer, run_root: Path, rounds: int, t: dict, mem: dict, baseline,
+                barrier=lambda: None):
+    """distllm's synchronous save alternated with ``baseline(round)`` (which times itself into ``t``), then
+    distllm's load and its asynchronous save (blocked / until committed); into ``t``.
+
+    An untimed warm-up save of each comes first (a fresh page cache is slow to fill at first), the order of
+    the two saves alternates from round to round, and each starts from a settled disk (``settle``)."""
     from distllm import checkpoint
 
     def timed(name, fn):
@@ -164,47 +187,79 @@ def save_rounds(rt, cfg, model, optimizer, run_root: Path, rounds: int, t: dict,
         t[name].append(time.perf_counter() - t0)
         return out
 
+    def distllm_save(r: int, record: bool = True) -> Path:
+        run_dir = run_root / f"distllm-{r}"
+        if not record:
+            return checkpoint.save(rt, run_dir, 1, model, optimizer, train_state(cfg), keep_last=1)
+        parts: dict[str, float] = defaultdict(float)
+        with time_calls(parts), peak_growth(mem, "distllm save"):
+            path = timed("distllm save", lambda: checkpoint.save(rt, run_dir, 1, model, optimizer,
+                                                                 train_state(cfg), keep_last=1))
+        for part, sec in parts.items():
+            t[f"distllm save: {part} (rank {rt.rank})"].append(sec)
+        return path
+
+    def remove(path: Path) -> None:
+        if rt.is_main:
+            shutil.rmtree(path)
+        barrier()
+
+    remove(distllm_save(-1, record=False).parent.parent)  # the warm-ups: recorded nowhere
+    baseline(-1)
     path = None
     saver = checkpoint.Checkpointer(rt, run_root / "async", 1, None, async_save=True)  # one, as in a training run
     for r in range(rounds):
-        run_dir = run_root / f"distllm-{r}"
-        parts: dict[str, float] = defaultdict(float)
-        with time_calls(parts), peak_growth(mem, "distllm save"):
-            path = timed("distllm save", lambda: checkpoint.save(rt, run_dir, 1, model, optimizer, train_state(cfg),
-                                                                 keep_last=1))
-        for part, sec in parts.items():
-            t[f"distllm save: {part} (rank {rt.rank})"].append(sec)
+        if path is not None:
+            remove(path.parent.parent)
+        for which in (("distllm", "baseline") if r % 2 == 0 else ("baseline", "distllm")):
+            settle(barrier)
+            if which == "distllm":
+                path = distllm_save(r)
+            else:
+                baseline(r)
         timed("distllm load", lambda: checkpoint.load(rt, path, model, optimizer, verify=True))
         timed("distllm load, verify=False", lambda: checkpoint.load(rt, path, model, optimizer, verify=False))
         # the first asynchronous save allocates its host buffer; later ones reuse it
         which = "first" if r == 0 else "later"
+        settle(barrier)
         with peak_growth(mem, f"distllm async save ({which})"):
             timed(f"distllm async save ({which}): blocked", lambda: saver.save(r + 1, model, optimizer,
                                                                                train_state(cfg)))
             timed(f"distllm async save ({which}): until committed", saver.wait)
         t[f"distllm async save ({which}): until committed"][-1] += t[f"distllm async save ({which}): blocked"][-1]
-        if r + 1 < rounds:
-            if rt.is_main:
-                shutil.rmtree(run_dir)
-            barrier()
     return path
 
 
-def report(title: str, t: dict, rounds: int) -> dict[str, float]:
-    med = {k: statistics.median(v) for k, v in t.items()}
-    print(f"{title + ' (median of ' + str(rounds) + ' rounds)':<56}{'seconds':>9}")
-    for k, v in med.items():
-        print(f"{k:<56}{v:>9.2f}")
-    return med
+def report(title: str, t: dict, rounds: int) -> "Times":
+    times = Times(t)
+    print(f"{title + ' (' + str(rounds) + ' rounds)':<56}{'median':>9}{'best':>9}")
+    for k in t:
+        print(f"{k:<56}{times.med[k]:>9.2f}{times.best[k]:>9.2f}")
+    return times
 
 
-def async_blocked(med: dict) -> float:
-    """The blocking time of an asynchronous save in a running job: a later one (the first allocates its buffer)."""
-    return med.get("distllm async save (later): blocked", med["distllm async save (first): blocked"])
+class Times:
+    """Medians and bests (minimums) over the rounds, and ratios of both: on a shared VM a round can be slowed 2-4x
+    by other tenants or by the first touch of returned memory, the best round shows each side's own cost."""
+
+    def __init__(self, t: dict):
+        self.med = {k: statistics.median(v) for k, v in t.items()}
+        self.best = {k: min(v) for k, v in t.items()}
+
+    def ratio(self, a: str, b: str) -> str:
+        return f"{self.med[a] / self.med[b]:.2f}x (best rounds {self.best[a] / self.best[b]:.2f}x)"
+
+
+def async_blocked(times: "Times") -> str:
+    """The blocking time of an asynchronous save in a running job (a later one: the first allocates its buffer)
+    against the synchronous save."""
+    later = "distllm async save (later): blocked"
+    return times.ratio(later if later in times.med else "distllm async save (first): blocked", "distllm save")
 
 
 def print_memory(mem: dict, state_bytes: float) -> None:
-    print("peak host memory growth during a save: " + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in mem.items())
+    order = sorted(mem, key=lambda k: not k.startswith("distllm"))  # distllm's first, then the baseline's
+    print("peak host memory growth during a save: " + ", ".join(f"{k} {mem[k] / MB:.0f} MB" for k in order)
           + f" (this rank's share of the state: {state_bytes / MB:.0f} MB)")
 
 
@@ -229,30 +284,38 @@ def single_process(args: argparse.Namespace, root: Path) -> None:
           f"{machine_load()}", flush=True)
     t: dict[str, list[float]] = defaultdict(list)
     mem: dict[str, int] = {}
-    save_rounds(rt, cfg, model, optimizer, root / "one", args.rounds, t, mem)
-    shutil.rmtree(root / "one")
-    for r in range(args.rounds):
+
+    def torch_save(r: int) -> None:
         file = root / f"torch-{r}.pt"
         with peak_growth(mem, "torch.save"):
             t0 = time.perf_counter()
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, file)
             checkpoint.fsync_path(file)  # the fsync distllm's save does
-            t["torch.save + fsync"].append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+        if r >= 0:
+            t["torch.save + fsync"].append(seconds)
+        file.unlink()
+
+    save_rounds(rt, cfg, model, optimizer, root / "one", args.rounds, t, mem, torch_save)
+    shutil.rmtree(root / "one")
+    file = root / "torch.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, file)
+    for r in range(args.rounds):
         t0 = time.perf_counter()
         state = torch.load(file, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         t["torch.load + load_state_dict"].append(time.perf_counter() - t0)
         del state
-        file.unlink()
-    med = report("\npart 1", t, args.rounds)
-    save, base = med["distllm save"], med["torch.save + fsync"]
-    print(f"ratio one-process distllm save / torch.save + fsync: {save / base:.2f}x (target <= 1.0x)")
-    print(f"ratio async save blocked / sync save: {async_blocked(med) / save:.2f}x (target <= 0.2x; the first, "
-          f"allocating its buffer: {med['distllm async save (first): blocked'] / save:.2f}x); async until committed "
-          f"{med['distllm async save (first): until committed']:.2f} s")
-    print(f"ratio distllm load / torch.load + load_state_dict: {med['distllm load'] / med['torch.load + load_state_dict']:.2f}x "
-          f"(verify=False: {med['distllm load, verify=False'] / med['torch.load + load_state_dict']:.2f}x)")
+    file.unlink()
+    times = report("\npart 1", t, args.rounds)
+    print(f"ratio one-process distllm save / torch.save + fsync: {times.ratio('distllm save', 'torch.save + fsync')} "
+          "(target <= 1.0x)")
+    print(f"ratio async save blocked / sync save: {async_blocked(times)} (target <= 0.2x; the first, allocating its "
+          f"buffer: {times.ratio('distllm async save (first): blocked', 'distllm save')}); async until committed "
+          f"{times.med['distllm async save (first): until committed']:.2f} s")
+    print(f"ratio distllm load / torch.load + load_state_dict: {times.ratio('distllm load', 'torch.load + load_state_dict')} "
+          f"(verify=False: {times.ratio('distllm load, verify=False', 'torch.load + load_state_dict')})")
     state_bytes = sum(p.numel() * 12 for p in model.parameters())
     print_memory(mem, state_bytes)
 
@@ -268,7 +331,7 @@ def worker(args: argparse.Namespace) -> None:
     from distllm.optim import build_optimizer
 
     stage = None if args.mode == "ddp" else int(args.mode.removeprefix("zero"))
-    cfg = config(args.tiny, zero_stage=stage, world=2)
+    cfg = config(args.tiny, zero_stage=stage, world=args.ranks)
     rt = distributed.setup(cfg)
     torch.manual_seed(cfg.train.seed)
     with rt.init_context():
@@ -291,35 +354,50 @@ def worker(args: argparse.Namespace) -> None:
         t[name].append(time.perf_counter() - t0)
         return out
 
-    path = save_rounds(rt, cfg, model, optimizer, root, args.rounds, t, mem, barrier=rt.barrier)
-    # distllm's rounds first: DeepSpeed's load_checkpoint re-links the parameters to fresh fragments
-    for r in range(args.rounds):
+    def baseline(r: int) -> None:
+        """DeepSpeed's save_checkpoint (ZeRO; also with the fsync of its files that distllm's save includes) or
+        rank 0's torch.save + fsync of the whole state (DDP: what a DDP script does)."""
         base = root / f"baseline-{r}"
         if rt.deepspeed:
-            with peak_growth(mem, "deepspeed save_checkpoint"):
-                timed("deepspeed save_checkpoint", lambda: model.save_checkpoint(str(base), tag="step1"))
-            # DeepSpeed does not fsync: what the same durability costs it (each rank its own files)
+            rt.barrier()
             t0 = time.perf_counter()
+            with peak_growth(mem, "deepspeed save_checkpoint"):
+                model.save_checkpoint(str(base), tag="step1")
+            rt.barrier()
+            plain = time.perf_counter() - t0
+            # DeepSpeed does not fsync: what the same durability costs it (each rank its own files)
             for f in sorted(base.rglob("*")):
                 if f.is_file() and (f"rank_{rt.rank}" in f.name or f"rank{rt.rank}" in f.name or
                                     (rt.is_main and "rank" not in f.name)):
                     checkpoint.fsync_path(f)
             rt.barrier()
-            t["deepspeed save_checkpoint + fsync"].append(t["deepspeed save_checkpoint"][-1] + time.perf_counter() - t0)
-            timed("deepspeed load_checkpoint", lambda: model.load_checkpoint(str(base), tag="step1"))
+            if r >= 0:
+                t["deepspeed save_checkpoint"].append(plain)
+                t["deepspeed save_checkpoint + fsync"].append(time.perf_counter() - t0)
         else:
-            def torch_save():
+            rt.barrier()
+            t0 = time.perf_counter()
+            with peak_growth(mem, "rank-0 torch.save"):
                 if rt.is_main:
                     base.mkdir(parents=True, exist_ok=True)
                     file = base / "state.pt"
                     torch.save({"model": rt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}, file)
                     checkpoint.fsync_path(file)
-
-            with peak_growth(mem, "rank-0 torch.save"):
-                timed("rank-0 torch.save + fsync", torch_save)
-        if rt.is_main:
+            rt.barrier()
+            if r >= 0:
+                t["rank-0 torch.save + fsync"].append(time.perf_counter() - t0)
+        if rt.is_main and (r < 0 or not rt.deepspeed):
             shutil.rmtree(base, ignore_errors=True)
         rt.barrier()
+
+    path = save_rounds(rt, cfg, model, optimizer, root, args.rounds, t, mem, baseline, barrier=rt.barrier)
+    # DeepSpeed's loads last: its load_checkpoint re-links the parameters to fresh fragments
+    for r in range(args.rounds if rt.deepspeed else 0):
+        timed("deepspeed load_checkpoint", lambda: model.load_checkpoint(str(root / f"baseline-{r}"), tag="step1"))
+    if rt.is_main:
+        for r in range(args.rounds):
+            shutil.rmtree(root / f"baseline-{r}", ignore_errors=True)
+    rt.barrier()
     if rt.is_main:  # kept for part 3: a 2-rank checkpoint loaded into one process
         shutil.copytree(path, Path(args.dir) / f"keep-{args.mode}")
     from distllm.model import count_params
@@ -329,26 +407,27 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def two_processes(args: argparse.Namespace, root: Path, mode: str) -> None:
-    print(f"\npart 2: 2 processes, {mode} | {machine_load()}", flush=True)
-    extra = [f"--rounds={args.rounds}", f"--dir={root}", f"--mode={mode}"] + (["--tiny"] if args.tiny else [])
-    reports = run_workers(__file__, 2, extra, root, tag=mode, threads=1)
-    med = report(f"part 2, {mode}, rank 0", reports[0]["times"], args.rounds)
-    save = med["distllm save"]
+    print(f"\npart 2: {args.ranks} processes, {mode} | {machine_load()}", flush=True)
+    extra = [f"--rounds={args.rounds}", f"--dir={root}", f"--mode={mode}", f"--ranks={args.ranks}"] + \
+        (["--tiny"] if args.tiny else [])
+    reports = run_workers(__file__, args.ranks, extra, root, tag=mode, threads=1, torchrun=True)
+    times = report(f"part 2, {mode}, rank 0", reports[0]["times"], args.rounds)
     if mode == "ddp":
-        print(f"ratio DDP distllm save / rank-0 torch.save + fsync: {save / med['rank-0 torch.save + fsync']:.2f}x "
+        print(f"ratio DDP distllm save / rank-0 torch.save + fsync: {times.ratio('distllm save', 'rank-0 torch.save + fsync')} "
               "(target <= 1.0x)")
     else:
-        print(f"ratio {mode} distllm save / deepspeed save_checkpoint: {save / med['deepspeed save_checkpoint']:.2f}x "
-              f"(target <= 1.0x; / deepspeed save_checkpoint + fsync of its files, the durability distllm's save "
-              f"includes: {save / med['deepspeed save_checkpoint + fsync']:.2f}x)")
-        print(f"ratio {mode} distllm load (2 ranks) / deepspeed load_checkpoint: "
-              f"{med['distllm load'] / med['deepspeed load_checkpoint']:.2f}x (verify=False, no sha256: "
-              f"{med['distllm load, verify=False'] / med['deepspeed load_checkpoint']:.2f}x)")
-    print(f"ratio {mode} async save blocked / sync save: {async_blocked(med) / save:.2f}x (target <= 0.2x; the first, "
-          f"allocating its buffer: {med['distllm async save (first): blocked'] / save:.2f}x)")
+        print(f"ratio {mode} distllm save / deepspeed save_checkpoint: "
+              f"{times.ratio('distllm save', 'deepspeed save_checkpoint')} (target <= 1.0x; / deepspeed save_checkpoint + "
+              f"fsync of its files, the durability distllm's save includes: "
+              f"{times.ratio('distllm save', 'deepspeed save_checkpoint + fsync')})")
+        print(f"ratio {mode} distllm load ({args.ranks} ranks) / deepspeed load_checkpoint: "
+              f"{times.ratio('distllm load', 'deepspeed load_checkpoint')} (verify=False, no sha256: "
+              f"{times.ratio('distllm load, verify=False', 'deepspeed load_checkpoint')})")
+    print(f"ratio {mode} async save blocked / sync save: {async_blocked(times)} (target <= 0.2x; the first, allocating "
+          f"its buffer: {times.ratio('distllm async save (first): blocked', 'distllm save')})")
     for rank, rep in enumerate(reports):
         print(f"rank {rank}: ", end="")
-        print_memory(rep["mem"], rep["state_bytes"] / 2)  # what each rank writes (DDP: its half of the parameters)
+        print_memory(rep["mem"], rep["state_bytes"] / args.ranks)  # what each rank writes (DDP: its share)
 
 
 def one_process_load(args: argparse.Namespace, root: Path, modes: list[str]) -> None:
@@ -363,20 +442,22 @@ def one_process_load(args: argparse.Namespace, root: Path, modes: list[str]) -> 
     model = Transformer(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     one_step(model, optimizer, rt, cfg.model.vocab_size, cfg.data.seq_len)
-    print(f"\npart 3: one process loads the 2-rank checkpoints | {machine_load()}")
+    print(f"\npart 3: one process loads the {args.ranks}-rank checkpoints | {machine_load()}")
     for mode in modes:
         times = []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             checkpoint.load(rt, root / f"keep-{mode}", model, optimizer, verify=True)
             times.append(time.perf_counter() - t0)
-        print(f"{'1-rank load of a 2-rank ' + mode + ' checkpoint':<56}{statistics.median(times):>9.2f}")
+        print(f"{f'1-rank load of a {args.ranks}-rank {mode} checkpoint':<56}{statistics.median(times):>9.2f}")
 
 
 def main() -> None:
     args = parse_args()
     if args.worker:
         return worker(args)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=args.dir) as tmp:
         single_process(args, Path(tmp))
         if not args.no_multi:

@@ -33,11 +33,11 @@ def worker_env(threads: int) -> dict:
 
 
 def run_workers(script: str | Path, nproc: int, args: list[str], out_dir: Path, tag: str, threads: int,
-                env: dict | None = None, timeout: float = 1800) -> list[dict]:
+                env: dict | None = None, timeout: float = 1800, torchrun: bool = False) -> list[dict]:
     """Start ``script --worker --tag TAG --out OUT_DIR *args`` on ``nproc`` processes (with ``env`` added to
-    their environment); each rank's report."""
+    their environment); each rank's report. One process runs without ``torchrun`` unless ``torchrun``."""
     worker = [str(script), "--worker", "--tag", tag, "--out", str(out_dir), *args]
-    if nproc == 1:
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, *worker]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
