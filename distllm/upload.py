@@ -8,8 +8,9 @@ in one thread of rank 0, after the local commit; training goes on meanwhile. A f
 waits for the pending uploads. The local ``checkpoint.keep_last`` does not delete remote copies.
 
 Resume: ``checkpoint.resume_from: URL`` (a prefix: its newest copy with a marker; or ``URL/step_N``)
-downloads the checkpoint into ``run.dir/checkpoints/step_N`` (marker last) and resumes from it as from
-any local checkpoint (checksums verified on load) -- unless run.dir already has checkpoints that verify:
+downloads the checkpoint into ``run.dir/checkpoints/step_N`` (each file checked against the manifest's
+size and sha256 as it arrives, fetched again if it does not match; the marker last) and resumes from it
+as from any local checkpoint -- unless run.dir already has checkpoints that verify:
 then the run continues from its own newest, so that re-running the same command after a preemption
 continues where it stopped. Credentials come from ``checkpoint.storage_options`` (redacted wherever the
 config is written) or the environment.
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 
 from distllm import checkpoint
-from distllm.durable import fsync_path, write_durably
+from distllm.durable import fsync_path, sha256_file, write_durably
 from distllm.errors import CheckpointError
 from distllm.redact import redact_text
 
@@ -102,26 +103,52 @@ def remote_checkpoint(url: str, storage_options: dict | None = None) -> str:
     return f"{url.rstrip('/')}/{max(steps)[1]}"
 
 
-def download(url: str, run_dir: Path, storage_options: dict | None = None) -> Path:
-    """Copy the remote checkpoint ``url`` (``.../step_N``) into ``run_dir/checkpoints/step_N``, marker last."""
+def download(url: str, run_dir: Path, storage_options: dict | None = None, attempts: int = 3) -> Path:
+    """Copy the remote checkpoint ``url`` (``.../step_N``) into ``run_dir/checkpoints/step_N``, marker last.
+
+    Each file is checked against the manifest (size and sha256) as it arrives and fetched again, up to
+    ``attempts`` times, if it does not match: a copy that does not match is never committed locally (it would
+    be refused at load, run after run)."""
     fs, root = _fs(url, storage_options)
     name = root.rsplit("/", 1)[-1]
     final = checkpoint.checkpoint_dir(run_dir) / name
     tmp = final.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    marker_text = fs.cat_file(f"{root}/{checkpoint.MARKER}")
-    (tmp / checkpoint.MARKER).write_bytes(marker_text)
-    manifest = checkpoint.read_marker(tmp)
-    (tmp / checkpoint.MARKER).unlink()
-    for file in manifest["files"]:
-        fs.get_file(f"{root}/{file}", str(tmp / file))
-        fsync_path(tmp / file)
-    fsync_path(tmp)
-    tmp.rename(final)
+    try:
+        marker_text = fs.cat_file(f"{root}/{checkpoint.MARKER}")
+        (tmp / checkpoint.MARKER).write_bytes(marker_text)
+        manifest = checkpoint.read_marker(tmp)
+        (tmp / checkpoint.MARKER).unlink()
+        for file, expected in manifest["files"].items():
+            _fetch(fs, f"{root}/{file}", tmp / file, expected, attempts, url)
+        fsync_path(tmp)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_durably(final / checkpoint.MARKER, marker_text)  # last, as a local save commits: only a whole copy counts
     fsync_path(final.parent)
     return final
+
+
+def _fetch(fs, remote: str, local: Path, expected: dict, attempts: int, url: str) -> None:
+    """Fetch one file and check it against its manifest entry (size, sha256), fsynced; retried on a mismatch or
+    a storage error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            fs.get_file(remote, str(local))
+        except Exception:
+            if attempt == attempts:
+                raise
+            continue
+        size, sha = local.stat().st_size, sha256_file(local)
+        if (size, sha) == (expected["size"], expected["sha256"]):
+            fsync_path(local)
+            return
+    raise CheckpointError(f"checkpoint {url}: {local.name} arrived {attempts} times as {size} bytes with sha256 "
+                          f"{sha[:12]}..., its manifest says {expected['size']} bytes and {expected['sha256'][:12]}...: "
+                          "the remote copy is corrupt; resume from another step (checkpoint.resume_from: URL/step_N)")
 
 
 def resume_source(spec: str, run_dir: Path, storage_options: dict | None) -> Path | None:

@@ -61,3 +61,31 @@ def test_a_failed_upload_is_one_line_and_training_goes_on(tiny_config, s3, caplo
     assert result.checkpoint.name == "step_000003" and checkpoint.latest(cfg.run.dir) == result.checkpoint
     failed = [r.getMessage() for r in caplog.records if "could not upload" in r.getMessage()]
     assert len(failed) == 1 and "s3://no-such-bucket/run/step_000003" in failed[0], failed
+
+
+def test_a_corrupt_remote_copy_is_refused_before_it_is_committed_locally(tmp_path, s3):
+    """download checks each file against the manifest as it arrives: a remote copy whose bytes changed is one
+    clear error, and nothing of it is left in the run directory (it would otherwise be committed locally and
+    refused at load, run after run)."""
+    from distllm import upload
+    from distllm.distributed import local_runtime
+    from distllm.errors import CheckpointError
+
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    path = checkpoint.save(local_runtime(), tmp_path / "src", 3, model, opt, {"data": {}}, keep_last=1)
+    fs = s3.filesystem()
+    fs.mkdir("corrupt")
+    upload.upload(path, "s3://corrupt/run/step_000003", s3.storage_options)
+
+    good = upload.download("s3://corrupt/run/step_000003", tmp_path / "good", s3.storage_options)
+    assert checkpoint.latest(tmp_path / "good") == good  # an intact copy is committed
+    data = bytearray(fs.cat_file("corrupt/run/step_000003/model.safetensors"))
+    data[-1] ^= 0xFF  # one bit of a weight flips in storage: the same size, another sha256
+    fs.pipe_file("corrupt/run/step_000003/model.safetensors", bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors arrived 3 times .* the remote copy is corrupt"):
+        upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
+    left = checkpoint.checkpoint_dir(tmp_path / "bad")
+    assert not any(left.iterdir()), list(left.iterdir())  # neither a committed step nor a temporary directory
