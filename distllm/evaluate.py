@@ -17,6 +17,7 @@ the bytes of each token from the byte-level tokenizer (``tokenizer.token_byte_le
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,6 +36,16 @@ from distllm.model import Transformer
 from distllm.tokenizer import load_tokenizer, token_byte_lengths
 
 
+def rank_batches(num_rows: int, micro_batch: int, rank: int, world_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This rank's share of rows 0..num_rows-1 (rows r, r + N, ...: the same rows for any number of processes)
+    in micro-batches: (row ids, how many are real). Every rank yields the same number of batches, which
+    ZeRO-3's gathers need: a rank out of rows gets a zero-weight pass on row 0."""
+    mine = np.arange(rank, num_rows, world_size)
+    for k in range(math.ceil(math.ceil(num_rows / world_size) / micro_batch)):
+        ids = mine[k * micro_batch : (k + 1) * micro_batch]
+        yield (ids, len(ids)) if len(ids) else (np.zeros(1, dtype=np.int64), 0)
+
+
 class ValidationSet:
     """This rank's share of the fixed validation samples, in micro-batches."""
 
@@ -48,20 +59,14 @@ class ValidationSet:
                             "raise data.val_fraction or lower data.seq_len")
         self.seq_len = seq_len
         self.batch_size = micro_batch_size
-        self.mine = np.arange(rank, self.num_samples, world_size)
-        per_rank = math.ceil(self.num_samples / world_size)
-        self.num_batches = math.ceil(per_rank / micro_batch_size)
+        self.rank, self.world_size = rank, world_size
         self.eot_id = shards.eot_id if document_mask else None
         """Set: each sample carries its document ids (``data.document_mask``)."""
         self.byte_lengths = torch.from_numpy(token_byte_lengths(load_tokenizer(shards.tokenizer_path)))  # (vocab,)
 
     def batches(self):
         """(tokens (b, seq_len + 1), weight, doc_ids (b, seq_len) or None); weight 0 marks a padding pass."""
-        for k in range(self.num_batches):
-            ids = self.mine[k * self.batch_size : (k + 1) * self.batch_size]
-            weight = len(ids)
-            if weight == 0:  # a zero-weight pass on sample 0
-                ids = np.zeros(1, dtype=np.int64)
+        for ids, weight in rank_batches(self.num_samples, self.batch_size, self.rank, self.world_size):
             tokens = torch.from_numpy(self.samples.read(ids))
             docs = None if self.eot_id is None else document_ids(tokens[:, :-1], self.eot_id)  # as the loader does
             yield tokens, weight, docs

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from distllm import checkpoint
@@ -35,6 +33,7 @@ from distllm.data.sft import SFTData, SFTDataset, build_sft_data
 from distllm.data.sft_loader import SFTLoader
 from distllm.data.shards import TOKENIZER_FILE
 from distllm.durable import write_durably
+from distllm.evaluate import rank_batches
 from distllm.errors import ConfigError
 from distllm.generate import chat_generate
 from distllm.metrics import perplexity
@@ -153,10 +152,8 @@ class SFTValidation:
                  template: ChatTemplate, max_new_tokens: int, run_dir: Path):
         self.rows: SFTDataset = data.val
         self.prompts = data.prompts
-        n = min(eval_batches * micro_batch, self.rows.num_samples)
-        self.mine = np.arange(rank, n, world_size)
-        self.batch_size = micro_batch
-        self.num_batches = math.ceil(math.ceil(n / world_size) / micro_batch)
+        self.num_rows = min(eval_batches * micro_batch, self.rows.num_samples)
+        self.batch_size, self.world_size = micro_batch, world_size
         self.tok, self.template, self.max_new_tokens = tok, template, max_new_tokens
         self.rank, self.run_dir = rank, run_dir
         self.eos = eot_id(tok)
@@ -166,11 +163,8 @@ class SFTValidation:
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (summed nats, response tokens)
-        for k in range(self.num_batches):
-            ids = self.mine[k * self.batch_size : (k + 1) * self.batch_size]
-            weight = float(len(ids) > 0)
-            if not len(ids):  # a zero-weight pass on row 0
-                ids = np.zeros(1, dtype=np.int64)
+        for ids, real in rank_batches(self.num_rows, self.batch_size, self.rank, self.world_size):
+            weight = float(real > 0)  # 0: a padding pass
             batch = {k: torch.from_numpy(v).to(rt.device) for k, v in self.rows.read(ids).items()}
             loss_sum = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
             total[0] += weight * loss_sum.double()
