@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -367,8 +368,8 @@ def worker(args: argparse.Namespace) -> None:
             plain = time.perf_counter() - t0
             # DeepSpeed does not fsync: what the same durability costs it (each rank its own files)
             for f in sorted(base.rglob("*")):
-                if f.is_file() and (f"rank_{rt.rank}" in f.name or f"rank{rt.rank}" in f.name or
-                                    (rt.is_main and "rank" not in f.name)):
+                zero_rank = re.search(r"zero_pp_rank_(\d+)_", f.name)  # ZeRO shards; the rest is rank 0's
+                if f.is_file() and (int(zero_rank.group(1)) == rt.rank if zero_rank else rt.is_main):
                     checkpoint.fsync_path(f)
             rt.barrier()
             if r >= 0:

@@ -110,9 +110,12 @@ def read_marker(path: Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"checkpoint {path}: {MARKER} lists no files")
-    for name in files:
+    for name, entry in files.items():
         if not _FILE_NAME.match(name) or name in (".", ".."):
             raise CheckpointError(f"checkpoint {path}: {MARKER} names {name!r}, which is not a plain file name")
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise CheckpointError(f"checkpoint {path}: {MARKER} entry for {name} is not a size and a sha256 ({entry!r:.80})")
     if not isinstance(manifest.get("params"), dict):
         raise CheckpointError(f"checkpoint {path}: {MARKER} has no index of parameters")
     return manifest

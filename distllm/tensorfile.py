@@ -21,7 +21,6 @@ Two things keep the durable, hashed write about as fast as an unhashed ``torch.s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ import torch
 CHUNK = 8 << 20  # bytes written at a time
 WRITEBACK = 64 << 20  # start the disk writeback of every this many bytes written (Linux)
 HASH_THREAD = True  # hash on a second thread, concurrently with the write
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
@@ -58,14 +58,16 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
           metadata: dict[str, str] | None = None) -> tuple[int, str]:
     """Write ``tensors`` (CPU tensors; others are copied to the CPU) as a safetensors file and fsync it.
 
-    Returns (size in bytes, sha256 hex digest) of the bytes written."""
+    Returns (size in bytes, sha256 hex digest) of the bytes written. The tensors must not change until this
+    returns (the hash and the write read the same memory at different times): checkpoint saves pass either
+    the paused model's state or the asynchronous save's own host snapshot."""
     tensors = {k: _host(t) for k, t in tensors.items()}
     head = header(tensors, metadata)
-    hasher = _Hasher(head, tensors) if HASH_THREAD else None
-    digest = hashlib.sha256() if hasher is None else None
-    size = 0
-    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    size, hasher, digest = 0, None, None
+    fd = os.open(Path(path), _FLAGS, 0o666)
     try:
+        hasher = _Hasher(head, tensors) if HASH_THREAD else None
+        digest = hashlib.sha256() if hasher is None else None
         flushed = 0
         for buf in _buffers(head, tensors):
             if digest is not None:
@@ -129,7 +131,7 @@ def _sync_file_range():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc is already loaded: no ldconfig run
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
@@ -161,7 +163,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
     """Write ``data`` to ``path`` (mode 0666 minus the umask) and fsync it; (size, sha256)."""
-    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    fd = os.open(Path(path), _FLAGS, 0o666)
     try:
         view = memoryview(data)
         while view:

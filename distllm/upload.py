@@ -123,6 +123,8 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None, attem
         for file, expected in manifest["files"].items():
             _fetch(fs, f"{root}/{file}", tmp / file, expected, attempts, url)
         fsync_path(tmp)
+        if final.exists():  # an uncommitted copy (a download cut short after its rename): never resumed from
+            shutil.rmtree(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,13 +144,17 @@ def _fetch(fs, remote: str, local: Path, expected: dict, attempts: int, url: str
             if attempt == attempts:
                 raise
             continue
-        size, sha = local.stat().st_size, sha256_file(local)
-        if (size, sha) == (expected["size"], expected["sha256"]):
+        size = local.stat().st_size
+        if size != expected["size"]:  # no need to hash it
+            got = f"{size} bytes, its manifest says {expected['size']}"
+            continue
+        sha = sha256_file(local)
+        if sha == expected["sha256"]:
             fsync_path(local)
             return
-    raise CheckpointError(f"checkpoint {url}: {local.name} arrived {attempts} times as {size} bytes with sha256 "
-                          f"{sha[:12]}..., its manifest says {expected['size']} bytes and {expected['sha256'][:12]}...: "
-                          "the remote copy is corrupt; resume from another step (checkpoint.resume_from: URL/step_N)")
+        got = f"sha256 {sha[:12]}..., its manifest says {expected['sha256'][:12]}..."
+    raise CheckpointError(f"checkpoint {url}: {local.name} arrived {attempts} times with {got}: the remote copy "
+                          "is corrupt; resume from another step (checkpoint.resume_from: URL/step_N)")
 
 
 def resume_source(spec: str, run_dir: Path, storage_options: dict | None) -> Path | None:

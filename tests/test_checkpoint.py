@@ -207,6 +207,17 @@ def test_manifest_names_cannot_escape_the_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path) is None
 
 
+@pytest.mark.parametrize("entry", [None, 7, {"size": 1}, {"size": "1", "sha256": "0" * 64}, {"size": 1, "sha256": "0"}])
+def test_a_malformed_manifest_entry_is_one_clear_error(tmp_path, entry):
+    path = _save(tmp_path, 1)
+    manifest = json.loads((path / "COMPLETE").read_text())
+    manifest["files"]["model.safetensors"] = entry
+    (path / "COMPLETE").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="entry for model.safetensors is not a size and a sha256"):
+        checkpoint.read_marker(path)
+    assert checkpoint.latest(tmp_path) is None
+
+
 def test_old_format_is_refused_with_its_version(tmp_path):
     path = checkpoint.step_path(tmp_path, 1)
     path.mkdir(parents=True)

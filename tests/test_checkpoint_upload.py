@@ -89,3 +89,13 @@ def test_a_corrupt_remote_copy_is_refused_before_it_is_committed_locally(tmp_pat
         upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
     left = checkpoint.checkpoint_dir(tmp_path / "bad")
     assert not any(left.iterdir()), list(left.iterdir())  # neither a committed step nor a temporary directory
+    fs.pipe_file("corrupt/run/step_000003/model.safetensors", bytes(data[:-8]))  # cut short: not even hashed
+    with pytest.raises(CheckpointError, match=r"arrived 3 times with \d+ bytes, its manifest says \d+"):
+        upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
+
+    data[-1] ^= 0xFF  # storage repaired; an earlier download cut short after its rename left an uncommitted copy
+    fs.pipe_file("corrupt/run/step_000003/model.safetensors", bytes(data))
+    (left / "step_000003").mkdir()
+    (left / "step_000003" / "model.safetensors").write_bytes(b"partial")
+    again = upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
+    assert checkpoint.latest(tmp_path / "bad") == again and checkpoint.unverified_reason(again) is None

@@ -54,3 +54,10 @@ def test_a_full_disk_raises_and_leaves_no_hashing_thread(monkeypatch):
         tensorfile.write("/dev/full", _tensors())
     assert info.value.errno == errno.ENOSPC
     assert {t for t in threading.enumerate() if t.name == "sha256"} == before
+
+
+def test_a_file_that_cannot_be_opened_starts_no_hashing_thread(tmp_path):
+    before = {t for t in threading.enumerate() if t.name == "sha256"}
+    with pytest.raises(FileNotFoundError):
+        tensorfile.write(tmp_path / "no-such-dir" / "x.safetensors", _tensors())
+    assert {t for t in threading.enumerate() if t.name == "sha256"} == before
