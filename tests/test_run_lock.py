@@ -116,7 +116,7 @@ def test_a_refused_two_process_run_exits_on_both_ranks_with_one_line(dist_runs):
     assert not (dist_runs["ddp"].dir / run_lock.LOCK_NAME).exists()
 
 
-def test_debug_mode_locks_its_own_directory(tiny_config):
+def test_debug_mode_locks_its_own_directory(tiny_config, monkeypatch):
     cfg = tiny_config
     cfg.train.debug = True
     debug_dir = Path(cfg.run.dir) / "debug"
@@ -124,15 +124,26 @@ def test_debug_mode_locks_its_own_directory(tiny_config):
         with pytest.raises(RunDirLocked, match="/debug is in use"):
             train(cfg)
 
-    # while a debug run trains (after its fresh start, which must keep its lock file), nobody else gets in
-    got_in, refused, done = [], [], threading.Event()
+    # while a debug run trains (after its fresh start, which must keep its lock file), nobody else gets in;
+    # `released` is set when the run starts releasing its lock: getting in after that is not counted
+    got_in, refused, done, released = [], [], threading.Event(), threading.Event()
+    real_release, trainer = RunLock.release, threading.current_thread()
+
+    def release(self):
+        if threading.current_thread() is trainer:
+            released.set()
+        real_release(self)
+
+    monkeypatch.setattr(RunLock, "release", release)
 
     def intruder():
         while not done.is_set():
             if (debug_dir / "metrics.jsonl").exists():
                 try:
-                    RunLock(debug_dir).acquire().release()
-                    got_in.append(True)
+                    lock = RunLock(debug_dir).acquire()
+                    if not released.is_set():  # got in while the run still held its lock
+                        got_in.append(True)
+                    lock.release()
                 except RunDirLocked:
                     refused.append(True)
             time.sleep(0.02)
