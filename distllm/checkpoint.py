@@ -79,6 +79,7 @@ MARKER = "COMPLETE"
 KINDS = ("weight", "exp_avg", "exp_avg_sq")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names in a manifest: no separators, nothing hidden
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # a lowercase hex digest, as hashlib writes it
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -114,7 +115,7 @@ def read_marker(path: Path) -> dict:
         if not _FILE_NAME.match(name) or name in (".", ".."):
             raise CheckpointError(f"checkpoint {path}: {MARKER} names {name!r}, which is not a plain file name")
         if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
-                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+                and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])):
             raise CheckpointError(f"checkpoint {path}: {MARKER} entry for {name} is not a size and a sha256 ({entry!r:.80})")
     if not isinstance(manifest.get("params"), dict):
         raise CheckpointError(f"checkpoint {path}: {MARKER} has no index of parameters")

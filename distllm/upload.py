@@ -123,8 +123,10 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None, attem
         for file, expected in manifest["files"].items():
             _fetch(fs, f"{root}/{file}", tmp / file, expected, attempts, url)
         fsync_path(tmp)
-        if final.exists():  # an uncommitted copy (a download cut short after its rename): never resumed from
-            shutil.rmtree(final)
+        if final.exists():
+            if (final / checkpoint.MARKER).exists():  # a local checkpoint of that step: never overwritten
+                raise CheckpointError(f"{final} already exists; it is not replaced by the download of {url}")
+            shutil.rmtree(final)  # an uncommitted copy (a download cut short after its rename): never resumed from
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +139,7 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None, attem
 def _fetch(fs, remote: str, local: Path, expected: dict, attempts: int, url: str) -> None:
     """Fetch one file and check it against its manifest entry (size, sha256), fsynced; retried on a mismatch or
     a storage error."""
+    attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             fs.get_file(remote, str(local))

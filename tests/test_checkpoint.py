@@ -207,7 +207,8 @@ def test_manifest_names_cannot_escape_the_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path) is None
 
 
-@pytest.mark.parametrize("entry", [None, 7, {"size": 1}, {"size": "1", "sha256": "0" * 64}, {"size": 1, "sha256": "0"}])
+@pytest.mark.parametrize("entry", [None, 7, {"size": 1}, {"size": "1", "sha256": "0" * 64}, {"size": 1, "sha256": "0"},
+                                   {"size": 1, "sha256": "G" * 64}])
 def test_a_malformed_manifest_entry_is_one_clear_error(tmp_path, entry):
     path = _save(tmp_path, 1)
     manifest = json.loads((path / "COMPLETE").read_text())

@@ -99,3 +99,6 @@ def test_a_corrupt_remote_copy_is_refused_before_it_is_committed_locally(tmp_pat
     (left / "step_000003" / "model.safetensors").write_bytes(b"partial")
     again = upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
     assert checkpoint.latest(tmp_path / "bad") == again and checkpoint.unverified_reason(again) is None
+    with pytest.raises(CheckpointError, match="already exists; it is not replaced"):  # a committed one stays
+        upload.download("s3://corrupt/run/step_000003", tmp_path / "bad", s3.storage_options)
+    assert checkpoint.latest(tmp_path / "bad") == again and checkpoint.unverified_reason(again) is None

@@ -56,8 +56,17 @@ def test_a_full_disk_raises_and_leaves_no_hashing_thread(monkeypatch):
     assert {t for t in threading.enumerate() if t.name == "sha256"} == before
 
 
-def test_a_file_that_cannot_be_opened_starts_no_hashing_thread(tmp_path):
-    before = {t for t in threading.enumerate() if t.name == "sha256"}
+def test_a_file_that_cannot_be_opened_starts_no_hashing_thread(tmp_path, monkeypatch):
+    started = []
+
+    class Spy(tensorfile._Hasher):
+        def __init__(self, *args):
+            started.append(True)
+            super().__init__(*args)
+
+    monkeypatch.setattr(tensorfile, "_Hasher", Spy)
     with pytest.raises(FileNotFoundError):
         tensorfile.write(tmp_path / "no-such-dir" / "x.safetensors", _tensors())
-    assert {t for t in threading.enumerate() if t.name == "sha256"} == before
+    assert not started
+    tensorfile.write(tmp_path / "x.safetensors", _tensors())
+    assert started  # the spy sees the thread where there is one
