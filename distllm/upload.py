@@ -113,7 +113,10 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None, attem
     name = root.rsplit("/", 1)[-1]
     final = checkpoint.checkpoint_dir(run_dir) / name
     tmp = final.with_name(f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if (final / checkpoint.MARKER).exists():  # a local checkpoint of that step: never overwritten
+        raise CheckpointError(f"{final} already exists; it is not replaced by the download of {url}")
+    for leftover in (final, tmp):  # of a download cut short (before or after its rename): never resumed from
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         marker_text = fs.cat_file(f"{root}/{checkpoint.MARKER}")
@@ -123,10 +126,6 @@ def download(url: str, run_dir: Path, storage_options: dict | None = None, attem
         for file, expected in manifest["files"].items():
             _fetch(fs, f"{root}/{file}", tmp / file, expected, attempts, url)
         fsync_path(tmp)
-        if final.exists():
-            if (final / checkpoint.MARKER).exists():  # a local checkpoint of that step: never overwritten
-                raise CheckpointError(f"{final} already exists; it is not replaced by the download of {url}")
-            shutil.rmtree(final)  # an uncommitted copy (a download cut short after its rename): never resumed from
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
